@@ -1,0 +1,82 @@
+"""Resumable, RNG-isolated sample order for the training dataloaders.
+
+A training run resumed from a mid-epoch checkpoint must see exactly the batches it would
+have seen without the interruption. Two things make that hold:
+
+- the order of epoch `e` is a permutation drawn from `torch.Generator().manual_seed(seed + e)`,
+  never from the global RNG, so it does not depend on how much randomness the model used
+  (PPO samples tokens from the global RNG) nor on how many epochs a process has iterated;
+- the number of batches already *consumed* in the current epoch is saved with the
+  checkpoint, and the first iteration after a restore skips exactly those samples.
+
+"Consumed" is read from Lightning's own progress counter (`batch_progress.current.processed`)
+rather than counted at fetch time, because Lightning prefetches one batch ahead: a count of
+fetched batches would be one too many at every checkpoint.
+
+Lightning calls `set_epoch` on a dataloader's sampler at every epoch start, and saves and
+restores the state of any train dataloader that has `state_dict` / `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Indices 0..n-1, shuffled per epoch from `seed + epoch`, with a one-shot resume skip."""
+
+    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of `epoch` (called by Lightning at each epoch start)."""
+        self.epoch = epoch
+
+    def skip_next(self, num_samples: int) -> None:
+        """Make the next iteration start `num_samples` into the epoch's order (resume)."""
+        self._skip = max(0, int(num_samples))
+
+    def order(self) -> torch.Tensor:
+        """The full index order of the current epoch."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        start, self._skip = self._skip, 0
+        yield from self.order()[start:].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning saves and restores with the fit loop (`state_dict` protocol).
+
+    `consumed` is a zero-argument callable giving the batches of the current epoch that the
+    training loop has finished processing; the datamodule binds it to the attached Trainer.
+    """
+
+    def __init__(self, *args, consumed: Callable[[], int] = lambda: 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.consumed = consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position: batches of the current epoch already consumed, and the sampler seed."""
+        return {"batches_consumed_in_epoch": int(self.consumed()), "seed": self.sampler.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next iteration after the batches the checkpointed run had consumed."""
+        if state_dict.get("seed", self.sampler.seed) != self.sampler.seed:
+            warnings.warn(
+                "resuming with a different data seed: the sample order will differ", stacklevel=2
+            )
+        self.sampler.skip_next(state_dict.get("batches_consumed_in_epoch", 0) * self.batch_size)
