@@ -115,6 +115,7 @@ class RLHFDataModule(pl.LightningDataModule):
         self._records: dict[tuple[str, str], list] | None = None
         self._datasets: dict[tuple[str, str], ListDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
+        self._resume_state: dict[str, Any] | None = None  # from a checkpoint, see load_state_dict
 
     # ----------------------------------------------------------------- tokenizer
     @property
@@ -260,11 +261,25 @@ class RLHFDataModule(pl.LightningDataModule):
         """Training batches of the attached module's `data_kind`; resumes mid-epoch exactly."""
         loader = self.dataloader(self._trainer_kind(), "train")
         loader.consumed = self._batches_consumed_in_epoch
+        if self._resume_state is not None:
+            # Lightning restores loader states only for a loader built after the checkpoint is
+            # read; a loader built earlier (e.g. by `estimated_stepping_batches` in
+            # `configure_optimizers`) gets the position from the datamodule's own state instead.
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
         return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position saved with every checkpoint (see `ResumableDataLoader`)."""
+        return {"batches_consumed_in_epoch": self._batches_consumed_in_epoch(), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved data position for the next train dataloader."""
+        self._resume_state = dict(state_dict)
 
     def _batches_consumed_in_epoch(self) -> int:
         loop = self.trainer.fit_loop if self.trainer is not None else None
-        return loop.epoch_loop.batch_progress.current.processed if loop is not None else 0
+        return int(loop.epoch_loop.batch_progress.current.processed) if loop is not None else 0
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches of the module's `data_kind`; [] (no validation) when empty."""

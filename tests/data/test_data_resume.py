@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from rlhf_lightning.data import DataSource
@@ -15,8 +16,9 @@ class _Recorder(pl.LightningModule):
 
     data_kind = "demonstration"
 
-    def __init__(self):
+    def __init__(self, schedule_from_trainer: bool = False):
         super().__init__()
+        self.schedule_from_trainer = schedule_from_trainer
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.seen: list[list[list[int]]] = []
 
@@ -26,12 +28,18 @@ class _Recorder(pl.LightningModule):
         return self.w * batch["attention_mask"].float().mean()
 
     def configure_optimizers(self):
+        if self.schedule_from_trainer:
+            # What `trainer.estimated_stepping_batches` does without max_steps: it builds the
+            # train loader before Lightning has read the loop state from the checkpoint.
+            self.trainer.fit_loop.setup_data()
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tokenizer, max_steps, tmp_path, ckpt_path=None, save_every=None):
+def _fit(tokenizer, max_steps, tmp_path, ckpt_path=None, save_every=None, early_loader=False):
     words = "a b c d e f g h i j k l m n o p q r s t".split()
-    records = [{"prompt": f"{words[i]} {words[(i * 7) % 20]}", "response": "yes"} for i in range(20)]
+    records = [
+        {"prompt": f"{words[i]} {words[(i * 7) % 20]}", "response": "yes"} for i in range(20)
+    ]
     dm = RLHFDataModule(
         tokenizer, demonstrations=DataSource(records=records, val_fraction=0.0), batch_size=3
     )
@@ -47,16 +55,18 @@ def _fit(tokenizer, max_steps, tmp_path, ckpt_path=None, save_every=None):
         enable_model_summary=False, accelerator="cpu", callbacks=callbacks,
         enable_checkpointing=bool(save_every), limit_val_batches=0,
     )  # fmt: skip
-    module = _Recorder()
+    module = _Recorder(schedule_from_trainer=early_loader)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module.seen
 
 
-def test_resume_mid_epoch_sees_the_same_batches(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("early_loader", [False, True])
+def test_resume_mid_epoch_sees_the_same_batches(tiny_tokenizer, tmp_path, early_loader):
     # 20 records / batch 3 = 7 batches per epoch: step 9 crosses into the second epoch.
-    straight = _fit(tiny_tokenizer, 9, tmp_path / "a")
-    first = _fit(tiny_tokenizer, 4, tmp_path / "b", save_every=4)
-    resumed = _fit(tiny_tokenizer, 9, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "step=4.ckpt"))
+    straight = _fit(tiny_tokenizer, 9, tmp_path / "a", early_loader=early_loader)
+    first = _fit(tiny_tokenizer, 4, tmp_path / "b", save_every=4, early_loader=early_loader)
+    ckpt = str(tmp_path / "b" / "step=4.ckpt")
+    resumed = _fit(tiny_tokenizer, 9, tmp_path / "c", ckpt_path=ckpt, early_loader=early_loader)
     assert first == straight[:4]
     assert resumed == straight[4:]
     assert straight[:7] != straight[7:] + straight[:2]  # epochs are shuffled differently
