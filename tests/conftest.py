@@ -32,6 +32,10 @@ TINY_CORPUS = [
 ]
 
 
+# Tiny models are per-op-overhead bound: one intra-op thread is faster than two on 2 cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

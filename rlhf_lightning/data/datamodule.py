@@ -53,7 +53,11 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:  # missing dir, unknown hub id, offline, bad GGUF
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecordError(f"data field 'tokenizer': cannot load {name!r}: {first_line}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

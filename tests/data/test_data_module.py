@@ -262,3 +262,11 @@ def test_dataloaders_follow_the_attached_modules_data_kind(tiny_tokenizer, val_f
     assert [s[0] for s in module.seen] == phases
     assert module.seen[0][1][0] == 4 and module.seen[-1][1][0] == (2 if val_fraction else 4)
     assert all(s[2] == -100 for s in module.seen)
+
+
+def test_unloadable_tokenizer_is_one_line_error(tmp_path):
+    dm = RLHFDataModule(str(tmp_path / "no-such-tokenizer"))
+    with pytest.raises(
+        RecordError, match=r"^data field 'tokenizer': cannot load '.*no-such-tokenizer'"
+    ):
+        dm.tokenizer  # noqa: B018
