@@ -1,0 +1,134 @@
+"""Per-token rewards, whitening and generalised advantage estimation (pure functions).
+
+Everything here works on right-aligned response tensors `[B, R]` (response token `t` of row `b`),
+with a mask `[B, R]` that is 1 on valid response tokens (up to and including EOS) and 0 on
+padding after the response. Valid tokens of a row are contiguous from position 0.
+
+References:
+- Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (KL-penalised reward,
+  sequence score added at the last token).
+- Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+  Estimation" (GAE(γ, λ)).
+- Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (whitening over valid
+  tokens, returns = advantages + values before whitening).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "last_valid_index",
+    "masked_mean",
+    "masked_var",
+    "whiten",
+    "kl_penalised_rewards",
+    "gae",
+    "explained_variance",
+]
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid token of each row (0 for an empty row). `mask` [B, R] → Long[B]."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)  # [R]
+    return (mask.bool() * positions).amax(dim=-1)  # [B]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is true (all dims when `dim` is None)."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the valid positions (Bessel-corrected when `unbiased`)."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum() / n.clamp(min=1)
+    var = (((x - mean) ** 2) * m).sum() / n.clamp(min=1)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean when `shift_mean`) over valid tokens.
+
+    Statistics come from the valid positions only; padded positions are returned as 0.
+    """
+    m = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def kl_penalised_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards: `-kl_coef * kl` on every valid token, plus the sequence score at the last.
+
+    Args:
+        scores: Float[B] sequence-level reward (already normalised / clipped).
+        kl: Float[B, R] per-token KL estimate between policy and reference (0 on padding).
+        mask: [B, R] valid response tokens.
+        kl_coef: the KL coefficient β (0 disables the penalty).
+    Returns:
+        Float[B, R] rewards, 0 on padding.
+    """
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m  # [B, R]
+    last = last_valid_index(mask)  # [B]
+    has_tokens = m.sum(-1) > 0  # [B]
+    bonus = torch.where(has_tokens, scores.to(kl.dtype), torch.zeros_like(scores, dtype=kl.dtype))
+    return rewards.scatter_add(1, last[:, None], bonus[:, None])  # [B, R]
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens.
+
+    δ_t = r_t + γ·V_{t+1}·m_{t+1} − V_t,   A_t = δ_t + γ·λ·m_{t+1}·A_{t+1};
+    the value after the last valid token is 0 (the episode ends there).
+
+    Args:
+        rewards: Float[B, R] per-token rewards (0 on padding).
+        values: Float[B, R] critic values V(s_t) (ignored on padding).
+        mask: [B, R] valid response tokens.
+    Returns:
+        (advantages Float[B, R], returns Float[B, R]) with returns = advantages + values; both 0 on
+        padding. No gradient flows through them.
+    """
+    m = mask.to(values.dtype)
+    rewards = rewards.detach() * m  # [B, R]
+    values = values.detach() * m  # [B, R]
+    steps = rewards.shape[-1]
+    advantages = torch.zeros_like(values)  # [B, R]
+    next_adv = torch.zeros_like(values[:, 0])  # [B]
+    next_value = torch.zeros_like(values[:, 0])  # [B]
+    for t in reversed(range(steps)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        next_adv = (delta + gamma * lam * next_adv) * m[:, t]  # [B]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]  # already 0 on padding
+    returns = (advantages + values) * m  # [B, R]
+    return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[returns − values] / Var[returns] over valid tokens (1 = perfect critic)."""
+    var_ret = masked_var(returns, mask)
+    if var_ret.item() == 0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask) / var_ret)

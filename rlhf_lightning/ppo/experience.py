@@ -1,0 +1,211 @@
+"""Steps 1–4 of a PPO iteration: rollout, score, log-probs/values/KL, advantages.
+
+`collect_experience(module, batch)` turns a left-padded prompt batch into a fully populated
+`Rollout` (and a dict of diagnostics), running every model under `no_grad` in eval mode and in
+rollout micro-batches. It reads the module's models and config groups (see `PPOModule`).
+
+References: Ziegler et al. 2019 (KL-penalised reward, adaptive β); Stiennon et al. 2020;
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+
+from rlhf_lightning.kernels import kl_penalty
+from rlhf_lightning.ppo.advantages import gae, kl_penalised_rewards, whiten
+from rlhf_lightning.ppo.models import reference_context
+from rlhf_lightning.ppo.rollout import (
+    Rollout,
+    call_reward_fn,
+    critic_values,
+    generate,
+    position_ids,
+    reference_logprobs,
+    response_forward,
+)
+
+__all__ = ["collect_experience", "hf_generation_config", "score_reward_model", "micro_batches"]
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of `size` rows covering `n` rows (one slice when size is None)."""
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def hf_generation_config(cfg, tokenizer) -> HFGenerationConfig:
+    """A transformers GenerationConfig for sampling rollouts from our `GenerationConfig`."""
+    return HFGenerationConfig(
+        do_sample=True,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens or None,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def score_reward_model(reward_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar RM score per row, read at the last attended token. ids/mask Long[B, T] → Float[B]."""
+    from rlhf_lightning.models.heads import gather_last
+    from rlhf_lightning.modules.reward_export import backbone_and_head
+
+    trunk, head = backbone_and_head(reward_model)
+    hidden = trunk(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+    ).last_hidden_state  # [B, T, H]
+    pooled = gather_last(hidden, mask)  # [B, H]
+    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()  # [B]
+
+
+def _score(module, batch, rollout: Rollout, responses: list[str]) -> torch.Tensor:
+    """Raw sequence rewards Float[B] from the RM export or the reward callable."""
+    cfg = module.reward_cfg
+    prompts = list(batch["prompt_text"])
+    if module.reward_fn is not None:
+        scores = call_reward_fn(
+            module.reward_fn, prompts, responses, cfg.function_batched, "model.reward.function"
+        )
+        return torch.tensor(scores, dtype=torch.float32, device=rollout.query_ids.device)
+    if module.reward_tokenizer is not None:  # different vocabulary: score re-tokenised text
+        from rlhf_lightning.modules.reward_export import score_texts
+
+        eos = module.reward_tokenizer.eos_token or ""
+        ends = rollout.response_ids.gather(1, (rollout.response_mask.sum(1) - 1)[:, None])[:, 0]
+        has_eos = torch.isin(ends, torch.tensor(module.eos_ids, device=ends.device)).tolist()
+        texts = [
+            p + module.response_separator + r + (eos if e else "")
+            for p, r, e in zip(prompts, responses, has_eos)
+        ]
+        scores = score_texts(
+            module.reward_model, module.reward_tokenizer, texts, batch_size=cfg.micro_batch_size
+        )
+        return torch.tensor(scores, dtype=torch.float32, device=rollout.query_ids.device)
+    out = []
+    for part in micro_batches(len(rollout), cfg.micro_batch_size):
+        sub = rollout.select(torch.arange(len(rollout))[part])
+        out.append(score_reward_model(module.reward_model, sub.input_ids, sub.attention_mask))
+    return torch.cat(out)  # [B]
+
+
+def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """Normalise, penalise a missing EOS, clip. Float[B] → Float[B]."""
+    cfg = module.reward_cfg
+    scores = raw.clone()
+    if cfg.normalize == "stats" and module.reward_stats:
+        from rlhf_lightning.modules.reward_export import normalise
+
+        scores = normalise(scores, module.reward_stats)
+    elif cfg.normalize == "running":
+        module.running.update(raw)
+        scores = (scores - module.running.mean) / max(module.running.std, 1e-6)
+    if cfg.missing_eos_penalty is not None:
+        ends = rollout.response_ids.gather(1, (rollout.response_mask.sum(1) - 1)[:, None])[:, 0]
+        has_eos = torch.isin(ends, torch.tensor(module.eos_ids, device=ends.device))  # [B]
+        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+    if cfg.clip is not None:
+        scores = scores.clamp(-cfg.clip, cfg.clip)
+    return scores
+
+
+def _logprobs_values_kl(module, rollout: Rollout) -> None:
+    """Fill old/ref log-probs, entropy, per-token KL and values, in rollout micro-batches."""
+    gen, kl_cfg = module.generation_cfg, module.kl_cfg
+    full = kl_cfg.estimator == "full"
+    shared = module.value_head is not None
+    parts = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "kl", "values")}
+    for part in micro_batches(len(rollout), gen.micro_batch_size):
+        sub = rollout.select(torch.arange(len(rollout))[part])
+        with reference_context(module.policy, module.reference) as ref_model:
+            ref_logp, ref_logits = reference_logprobs(
+                ref_model, sub, temperature=gen.temperature, keep_logits=full
+            )
+        out = response_forward(
+            module.policy,
+            sub,
+            temperature=gen.temperature,
+            ref_logits=ref_logits,
+            with_hidden=shared,
+        )
+        mask = sub.response_mask
+        if full:
+            kl = out["kl"]
+        else:
+            kl = kl_penalty(out["logprobs"], ref_logp, kl_cfg.estimator) * mask  # [b, R]
+        if shared:
+            values = module.value_head(out["hidden"]) * mask  # [b, R]
+        else:
+            values = critic_values(module.critic, sub)  # [b, R]
+        for key, value in (
+            ("logprobs", out["logprobs"]),
+            ("ref_logprobs", ref_logp),
+            ("entropy", out["entropy"]),
+            ("kl", kl),
+            ("values", values),
+        ):
+            parts[key].append(value.float())
+    for key, chunks in parts.items():
+        setattr(rollout, key, torch.cat(chunks))
+
+
+@torch.no_grad()
+def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
+    """Steps 1–4. Returns the rollout (advantages and returns filled) and diagnostics
+    (`responses`, `prompts`, `gold`, timings)."""
+    info: dict = {}
+    models = [m for m in (module.policy, module.critic, module.value_head) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        # 1. rollout: sample responses (HF generate, KV cache, left-padded prompts)
+        t0 = time.perf_counter()
+        response_ids, response_mask = generate(
+            module.policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            generation_config=module.hf_generation,
+            eos_token_id=module.eos_ids,
+            pad_token_id=module.tokenizer.pad_token_id,
+            micro_batch_size=module.generation_cfg.micro_batch_size,
+        )
+        rollout = Rollout(batch["input_ids"], batch["attention_mask"], response_ids, response_mask)
+        info["rollout_s"] = time.perf_counter() - t0
+
+        # 2. score: RM export or reward callable; normalise, missing-EOS penalty, clip
+        t0 = time.perf_counter()
+        texts = module.decode_responses(rollout)
+        raw = _score(module, batch, rollout, texts)  # [B]
+        rollout.scores_raw = raw
+        rollout.scores = _shape_scores(module, raw, rollout)  # [B]
+        if module.gold_fn is not None:
+            info["gold"] = call_reward_fn(
+                module.gold_fn, list(batch["prompt_text"]), texts, None, "model.reward.gold"
+            )
+        info["responses"], info["prompts"] = texts, list(batch["prompt_text"])
+        info["score_s"] = time.perf_counter() - t0
+
+        # 3. old / reference log-probs, entropy, per-token KL, values
+        t0 = time.perf_counter()
+        _logprobs_values_kl(module, rollout)
+        info["logprob_s"] = time.perf_counter() - t0
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+    # 4. advantages: KL-penalised per-token rewards → GAE(γ, λ) → whitening
+    upd = module.update_cfg
+    beta = module.kl_ctl.value if module.kl_cfg.mode == "reward" else 0.0
+    rollout.rewards = kl_penalised_rewards(rollout.scores, rollout.kl, rollout.response_mask, beta)
+    adv, ret = gae(rollout.rewards, rollout.values, rollout.response_mask, upd.gamma, upd.lam)
+    rollout.returns = ret  # [B, R]
+    rollout.advantages = whiten(adv, rollout.response_mask) if upd.whiten_advantages else adv
+    return rollout, info

@@ -1,0 +1,188 @@
+"""PPO loss terms, each normalised by a GLOBAL count of valid tokens, plus a stats accumulator.
+
+Every loss is `sum over this micro-batch's valid tokens / n_tokens`, where `n_tokens` is the number
+of valid tokens in the whole minibatch (all its micro-batches). Summing the micro-batch losses (or
+accumulating their gradients) therefore gives exactly the minibatch token-mean, whatever the
+micro-batch size. The same holds for the returned statistics, which are token-means computed the
+same way (add them up over the micro-batches of a minibatch).
+
+References:
+- Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate, value loss,
+  entropy bonus).
+- Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL" (dual-clip for A < 0).
+- Ouyang et al. 2022, "Training language models to follow instructions" (PPO-ptx term).
+- Schulman 2020, "Approximating KL Divergence" (the k3 estimator used for approx-KL).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+__all__ = [
+    "policy_loss",
+    "value_loss",
+    "entropy_bonus",
+    "ptx_loss",
+    "kl_loss",
+    "PPOStats",
+]
+
+
+def _check_count(n_tokens: int | float | torch.Tensor) -> float:
+    n = float(n_tokens)
+    if n <= 0:
+        raise ValueError(f"n_tokens must be > 0 (the global count of valid tokens), got {n}")
+    return n
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int | float | torch.Tensor,
+    clip_eps: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss `max(−A·r, −A·clip(r, 1−ε, 1+ε))`, summed over valid tokens / n_tokens.
+
+    Args:
+        logprobs: Float[B, R] log π_θ(a_t) (with grad).
+        old_logprobs: Float[B, R] log π_old(a_t) from the rollout.
+        advantages: Float[B, R] (whitened) advantages.
+        mask: [B, R] valid response tokens.
+        n_tokens: valid tokens in the whole minibatch.
+        clip_eps: ε of the ratio clip.
+        dual_clip: c > 1 caps the loss of negative-advantage tokens at −c·A (None disables).
+    Returns:
+        (loss, stats) — stats are detached token-means (over n_tokens): `approxkl` (k3 estimate of
+        KL(π_old ‖ π_θ)), `clipfrac`, `ratio_mean`, and `dual_clipfrac` when dual-clip is on.
+    """
+    n = _check_count(n_tokens)
+    m = mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs) * m  # [B, R]
+    ratio = torch.exp(log_ratio)  # [B, R]
+    unclipped = -advantages * ratio  # [B, R]
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # [B, R]
+    per_token = torch.maximum(unclipped, clipped)  # [B, R]
+    stats: dict[str, torch.Tensor] = {}
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        cap = -dual_clip * advantages  # [B, R]
+        capped = (advantages < 0) & (per_token > cap)  # [B, R]
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
+        stats["dual_clipfrac"] = (capped.to(m.dtype) * m).sum().detach() / n
+    loss = (per_token * m).sum() / n
+    with torch.no_grad():
+        stats["approxkl"] = ((ratio - 1.0 - log_ratio) * m).sum() / n
+        stats["clipfrac"] = ((clipped > unclipped).to(m.dtype) * m).sum() / n
+        stats["ratio_mean"] = (ratio * m).sum() / n
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int | float | torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss `½·max((V−R)², (V_old + clip(V−V_old, ±c) − R)²)` over valid tokens / n_tokens.
+
+    Args:
+        values: Float[B, R] current critic values (with grad).
+        old_values: Float[B, R] values from the rollout.
+        returns: Float[B, R] GAE returns.
+        mask: [B, R] valid response tokens.
+        n_tokens: valid tokens in the whole minibatch.
+        clip_range: c; None disables value clipping (plain ½·(V−R)²).
+    Returns:
+        (loss, stats) — `clipfrac` (fraction where the clipped branch is larger), `mean` (mean value).
+    """
+    n = _check_count(n_tokens)
+    m = mask.to(values.dtype)
+    loss_unclipped = (values - returns) ** 2  # [B, R]
+    if clip_range is None:
+        per_token = loss_unclipped
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)  # [B, R]
+        loss_clipped = (v_clipped - returns) ** 2  # [B, R]
+        per_token = torch.maximum(loss_unclipped, loss_clipped)  # [B, R]
+        clipfrac = ((loss_clipped > loss_unclipped).to(m.dtype) * m).sum().detach() / n
+    loss = 0.5 * (per_token * m).sum() / n
+    return loss, {"clipfrac": clipfrac, "mean": (values * m).sum().detach() / n}
+
+
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | torch.Tensor
+) -> torch.Tensor:
+    """Token-mean policy entropy over valid tokens / n_tokens (the loss adds `−coef ·` this)."""
+    n = _check_count(n_tokens)
+    return (entropy * mask.to(entropy.dtype)).sum() / n
+
+
+def kl_loss(
+    kl: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | torch.Tensor
+) -> torch.Tensor:
+    """Token-mean KL(π_θ ‖ π_ref) estimate over valid tokens / n_tokens (KL as a loss term)."""
+    n = _check_count(n_tokens)
+    return (kl * mask.to(kl.dtype)).sum() / n
+
+
+def ptx_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | torch.Tensor
+) -> torch.Tensor:
+    """Pre-training / SFT negative log-likelihood: −Σ log π(y_t) over labelled tokens / n_tokens.
+
+    Args:
+        logprobs: Float[B, T] log-probs of the demonstration's labels (0 where unlabelled).
+        mask: [B, T] labelled (response) positions.
+        n_tokens: labelled tokens in the whole ptx batch (all micro-batches).
+    """
+    n = _check_count(n_tokens)
+    return -(logprobs * mask.to(logprobs.dtype)).sum() / n
+
+
+class PPOStats:
+    """Accumulates scalar statistics over micro-batches, minibatches and epochs.
+
+    `add(prefix, stats)` sums each value into the current minibatch; `end_minibatch()` closes it;
+    `means()` returns the average over closed minibatches (each minibatch weighs the same, since the
+    per-micro-batch values are already minibatch token-means).
+    """
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = defaultdict(float)
+        self._total: dict[str, float] = defaultdict(float)
+        self._count: dict[str, int] = defaultdict(int)
+        self.first: dict[str, float] = {}
+
+    def add(self, stats: dict[str, torch.Tensor | float], prefix: str = "") -> None:
+        """Add micro-batch contributions (values already divided by the global count)."""
+        for key, value in stats.items():
+            self._current[prefix + key] += float(value)
+
+    @property
+    def current(self) -> dict[str, float]:
+        """Totals of the minibatch being accumulated."""
+        return dict(self._current)
+
+    def end_minibatch(self) -> dict[str, float]:
+        """Close the current minibatch; returns its totals (remembered as `first` the first time)."""
+        closed = dict(self._current)
+        if not self.first:
+            self.first = closed
+        for key, value in closed.items():
+            self._total[key] += value
+            self._count[key] += 1
+        self._current = defaultdict(float)
+        return closed
+
+    def means(self) -> dict[str, float]:
+        """Average of every statistic over the closed minibatches."""
+        return {key: self._total[key] / self._count[key] for key in self._total}

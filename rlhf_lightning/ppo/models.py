@@ -1,0 +1,140 @@
+"""The models around the PPO policy: critic, frozen reference, dropout control.
+
+- Critic (`CriticModel`): a transformer trunk plus a scalar head giving one value per position.
+  Default initialisation is from the reward model (Ouyang et al. 2022 initialise the value function
+  from the RM); the head is rescaled by the RM's reward statistics so that initial values are on
+  the same (normalised) scale as the rewards PPO trains on. Alternatives: a copy of the policy
+  trunk with a fresh head, or a value head on the policy trunk itself (`ValueHead`, shared).
+- Reference: a frozen deep copy of the initial policy, or — for a LoRA policy — the same module
+  with its adapters disabled (no second copy of the base weights).
+- Dropout is switched off in every model: PPO's ratio π/π_old must be exactly 1 before the first
+  step, which a stochastic forward would break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CriticModel",
+    "critic_from_reward_model",
+    "critic_from_policy",
+    "frozen_copy",
+    "reference_context",
+    "disable_dropout",
+    "is_peft",
+]
+
+
+class CriticModel(nn.Module):
+    """Transformer trunk (returns `last_hidden_state`) + linear head → Float[B, T] values."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/attention_mask Long[B, T] → values Float[B, T]."""
+        hidden = self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # [B, T, H]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # [B, T]
+
+
+def _normalised_head(head: nn.Module, stats: dict | None) -> nn.Linear:
+    """Copy of a `Linear(H, 1)` head computing (score − mean) / std, with a bias term."""
+    weight = head.weight.detach()  # [1, H]
+    bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
+    out = nn.Linear(weight.shape[1], 1, bias=True, dtype=weight.dtype, device=weight.device)
+    mean, std = 0.0, 1.0
+    if stats:
+        mean = float(stats.get("mean", 0.0))
+        std = float(stats.get("std", 1.0))
+        std = std if math.isfinite(std) and std > 1e-6 else 1.0
+    with torch.no_grad():
+        out.weight.copy_(weight / std)
+        out.bias.fill_(-mean / std)
+        if bias is not None:
+            out.bias.add_(bias.reshape(()) / std)
+    return out
+
+
+def critic_from_reward_model(reward_model: nn.Module, stats: dict | None) -> CriticModel:
+    """Trainable critic initialised from an RM export (`AutoModelForSequenceClassification`)."""
+    from rlhf_lightning.modules.reward_export import backbone_and_head
+
+    trunk, head = backbone_and_head(reward_model)
+    critic = CriticModel(copy.deepcopy(trunk), _normalised_head(head, stats))
+    return critic.requires_grad_(True)
+
+
+def critic_from_policy(policy: nn.Module) -> CriticModel:
+    """Trainable critic = copy of the policy's trunk + zero-initialised head."""
+    inner = policy.get_base_model() if is_peft(policy) else policy
+    trunk = copy.deepcopy(inner.base_model)
+    hidden = inner.config.hidden_size
+    dtype = next(trunk.parameters()).dtype
+    head = nn.Linear(hidden, 1, bias=True, dtype=dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return CriticModel(trunk, head).requires_grad_(True)
+
+
+def is_peft(model: nn.Module) -> bool:
+    """True for a peft-wrapped model (has `disable_adapter`)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """Deep copy with gradients off (callers put it in eval mode while using it)."""
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+@contextlib.contextmanager
+def reference_context(policy: nn.Module, reference: nn.Module | None):
+    """Yield the module that computes reference log-probs.
+
+    With a separate `reference` model, that model; otherwise the LoRA `policy` with its adapters
+    disabled (its base weights are the reference).
+    """
+    if reference is not None:
+        yield reference
+        return
+    if not is_peft(policy):
+        raise RuntimeError("no reference model: a separate copy is needed for a non-LoRA policy")
+    with policy.disable_adapter():
+        yield policy
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set p = 0 on every dropout layer and every `*dropout*` float in configs (in place)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if "dropout" in key and isinstance(value, float) and value > 0:
+                    setattr(config, key, 0.0)
+    for name, value in list(vars(model).items()):
+        if "dropout" in name and isinstance(value, float):
+            setattr(model, name, 0.0)
+    for module in model.modules():
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

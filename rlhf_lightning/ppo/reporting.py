@@ -1,0 +1,92 @@
+"""Metrics, sample tables and histograms of one PPO iteration (TensorBoard tag tree).
+
+Tags: `objective/{reward, reward_raw, rlhf_reward, kl, kl_coef, entropy, gold}`,
+`ppo/loss/{policy, value, ptx, kl, total}`, `ppo/policy/{approxkl, clipfrac, ratio_mean,
+ratio_at_start, entropy, epochs_done, early_stop}`, `ppo/val/{clipfrac, explained_variance, mean}`,
+`ppo/returns/mean`, `ppo/response_length/{mean, max}`, `ppo/response/eos_fraction`,
+`perf/{rollout_s, score_s, logprob_s, update_s, iteration_s, tokens_per_s}`, `monitor/*`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_lightning.ppo.advantages import explained_variance, masked_mean
+from rlhf_lightning.ppo.rollout import Rollout
+
+__all__ = ["iteration_metrics", "sample_rows", "log_histograms"]
+
+
+def iteration_metrics(
+    rollout: Rollout, info: dict, update_stats: dict[str, float], kl_coef: float
+) -> dict[str, float]:
+    """Flat dict of scalar metrics for `self.log_dict`."""
+    mask = rollout.response_mask
+    lengths = mask.sum(1).float()  # [B]
+    seq_kl = (rollout.kl * mask).sum(1)  # [B]
+    metrics = {
+        "objective/reward": float(rollout.scores.mean()),
+        "objective/reward_raw": float(rollout.scores_raw.mean()),
+        "objective/rlhf_reward": float((rollout.scores - kl_coef * seq_kl).mean()),
+        "objective/kl": float(seq_kl.mean()),
+        "objective/kl_coef": float(kl_coef),
+        "objective/entropy": float(masked_mean(rollout.entropy, mask)),
+        "ppo/val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+        "ppo/returns/mean": float(masked_mean(rollout.returns, mask)),
+        "ppo/advantages/mean": float(masked_mean(rollout.advantages, mask)),
+        "ppo/response_length/mean": float(lengths.mean()),
+        "ppo/response_length/max": float(lengths.max()),
+        "ppo/response/eos_fraction": float(info.get("eos_fraction", float("nan"))),
+    }
+    if info.get("gold") is not None:
+        metrics["objective/gold"] = sum(info["gold"]) / len(info["gold"])
+    for key, value in update_stats.items():
+        metrics[f"ppo/{key}"] = float(value)
+    total_tokens = float(lengths.sum())
+    timings = {k: info[k] for k in ("rollout_s", "score_s", "logprob_s", "update_s") if k in info}
+    for key, value in timings.items():
+        metrics[f"perf/{key}"] = value
+    metrics["perf/iteration_s"] = sum(timings.values())
+    metrics["perf/tokens_per_s"] = total_tokens / max(info.get("rollout_s", 0.0), 1e-9)
+    return metrics
+
+
+def sample_rows(rollout: Rollout, info: dict, n: int) -> list[dict]:
+    """First `n` rows of prompt / response / reward / gold / KL for the text table."""
+    seq_kl = (rollout.kl * rollout.response_mask).sum(1)
+    gold = info.get("gold")
+    rows = []
+    for i in range(min(n, len(rollout))):
+        rows.append(
+            {
+                "prompt": info["prompts"][i][-300:],
+                "response": info["responses"][i],
+                "reward": float(rollout.scores[i]),
+                "reward_raw": float(rollout.scores_raw[i]),
+                "gold": float(gold[i]) if gold is not None else "",
+                "kl": float(seq_kl[i]),
+            }
+        )
+    return rows
+
+
+def log_histograms(logger, rollout: Rollout, step: int) -> bool:
+    """Reward and per-token KL histograms on TensorBoard loggers; False when none accepts them."""
+    loggers = logger if isinstance(logger, list | tuple) else [logger]
+    mask = rollout.response_mask.bool()
+    wrote = False
+    for item in loggers:
+        experiment = getattr(item, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_histogram"):
+            continue
+        experiment.add_histogram("objective/reward_hist", rollout.scores.float().cpu(), step)
+        experiment.add_histogram("objective/kl_token_hist", rollout.kl[mask].float().cpu(), step)
+        wrote = True
+    return wrote
+
+
+def eos_fraction(rollout: Rollout, eos_ids: list[int]) -> float:
+    """Fraction of responses that end with an EOS token."""
+    last = (rollout.response_mask.sum(1) - 1).clamp(min=0)  # [B]
+    ends = rollout.response_ids.gather(1, last[:, None])[:, 0]  # [B]
+    return float(torch.isin(ends, torch.tensor(eos_ids, device=ends.device)).float().mean())

@@ -1,0 +1,285 @@
+"""Rollouts: sample responses, score them, and compute per-token log-probs and values.
+
+Sequence layout used everywhere in PPO: `input_ids = [query | response]` with the query LEFT
+padded to width P and the response RIGHT padded to width R (tokens after the first EOS are
+padding). The logits that predict response token t sit at position P − 1 + t, so a forward pass
+keeps only the last R + 1 positions (`logits_to_keep`) and drops the final one. Position ids are
+`cumsum(attention_mask) − 1`, the same rule `generate` uses for left-padded prompts, so the
+training forward reproduces the sampler's log-probs exactly (checked by `ratio_at_start`).
+
+References: Ziegler et al. 2019 and Stiennon et al. 2020 (rollout → score → KL-penalised reward);
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (EOS handling, padding,
+temperature-consistent log-probs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from rlhf_lightning.kernels import token_logprobs, token_stats
+
+__all__ = [
+    "Rollout",
+    "response_mask",
+    "position_ids",
+    "generate",
+    "response_forward",
+    "critic_values",
+    "load_callable",
+    "call_reward_fn",
+    "RunningMoments",
+]
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. B = prompts, P = prompt width, R = response width."""
+
+    query_ids: torch.Tensor  # Long[B, P] left-padded prompt ids
+    query_mask: torch.Tensor  # Long[B, P] 1 on prompt tokens
+    response_ids: torch.Tensor  # Long[B, R] sampled tokens, right-padded after EOS
+    response_mask: torch.Tensor  # Long[B, R] 1 up to and including EOS
+    logprobs: torch.Tensor | None = None  # Float[B, R] log π_old(a_t) (temperature applied)
+    ref_logprobs: torch.Tensor | None = None  # Float[B, R] log π_ref(a_t)
+    entropy: torch.Tensor | None = None  # Float[B, R] entropy of π_old at each step
+    kl: torch.Tensor | None = None  # Float[B, R] per-token KL estimate (π_old vs π_ref)
+    values: torch.Tensor | None = None  # Float[B, R] critic V(s_t)
+    scores: torch.Tensor | None = None  # Float[B] shaped sequence reward (normalised, clipped)
+    scores_raw: torch.Tensor | None = None  # Float[B] reward before normalisation / shaping
+    rewards: torch.Tensor | None = None  # Float[B, R] per-token rewards (score at last token)
+    advantages: torch.Tensor | None = None  # Float[B, R] (whitened) GAE advantages
+    returns: torch.Tensor | None = None  # Float[B, R] GAE returns (value targets)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Long[B, P + R] query followed by response."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Long[B, P + R] attention mask of `input_ids`."""
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """Rows `index` (Long[b]) of every tensor field."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return Rollout(**values)
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """Long[B, R]: 1 on tokens up to and including the first EOS, 0 after it.
+
+    Works when pad == eos (generation pads finished rows with the pad id).
+    """
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))  # [B, R]
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
+    return (eos_before == 0).long()  # [B, R]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Long[B, T] positions counting attended tokens only (left padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    generation_config,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    micro_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
+
+    Args:
+        query_ids: Long[B, P]; query_mask: Long[B, P].
+        generation_config: a `transformers.GenerationConfig`.
+    Returns:
+        (response_ids Long[B, R], response_mask Long[B, R]); R = the longest response.
+    """
+    chunks = []
+    size = micro_batch_size or len(query_ids)
+    width = query_ids.shape[1]
+    for start in range(0, len(query_ids), size):
+        out = model.generate(
+            input_ids=query_ids[start : start + size],
+            attention_mask=query_mask[start : start + size],
+            generation_config=generation_config,
+        )  # [b, P + r]
+        chunks.append(out[:, width:])
+    longest = max(c.shape[1] for c in chunks)
+    padded = [nn.functional.pad(c, (0, longest - c.shape[1]), value=pad_token_id) for c in chunks]
+    response_ids = torch.cat(padded, dim=0)  # [B, R]
+    mask = response_mask(response_ids, eos_token_id)  # [B, R]
+    response_ids = response_ids.masked_fill(mask == 0, pad_token_id)
+    return response_ids, mask
+
+
+def response_forward(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    ref_logits: torch.Tensor | None = None,
+    with_hidden: bool = False,
+    return_logits: bool = False,
+):
+    """Forward `[query | response]` and return statistics of the response tokens.
+
+    Returns a dict with `logprobs` Float[B, R], `entropy` Float[B, R], `kl` Float[B, R] (exact
+    KL to `ref_logits` Float[B, R, V], only when given), optionally `hidden` Float[B, R, H] (last
+    hidden state at the positions that predict each token) and `logits` Float[B, R, V].
+    All statistics come from `rlhf_lightning.kernels.token_stats` (one pass over the vocabulary).
+    """
+    steps = rollout.response_ids.shape[1]
+    attention = rollout.attention_mask  # [B, P + R]
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=attention,
+        position_ids=position_ids(attention),
+        logits_to_keep=steps + 1,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]  # [B, R, V]
+    mask = rollout.response_mask.bool()  # [B, R]
+    logp, entropy, kl = token_stats(
+        logits, rollout.response_ids, ref_logits, temperature=temperature, mask=mask
+    )  # each [B, R]
+    result = {"logprobs": logp, "entropy": entropy, "kl": kl}
+    if with_hidden:
+        result["hidden"] = out.hidden_states[-1][:, -steps - 1 : -1]  # [B, R, H]
+    if return_logits:
+        result["logits"] = logits
+    return result
+
+
+def reference_logprobs(
+    model: nn.Module, rollout: Rollout, *, temperature: float, keep_logits: bool = False
+):
+    """log π_ref of the response tokens (Float[B, R]) and, when asked, the logits Float[B, R, V]."""
+    steps = rollout.response_ids.shape[1]
+    attention = rollout.attention_mask
+    logits = model(
+        input_ids=rollout.input_ids,
+        attention_mask=attention,
+        position_ids=position_ids(attention),
+        logits_to_keep=steps + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # [B, R, V]
+    logp = token_logprobs(
+        logits, rollout.response_ids, temperature=temperature, mask=rollout.response_mask.bool()
+    )  # [B, R]
+    return logp, (logits if keep_logits else None)
+
+
+def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """Values V(s_t) of a separate critic (`ppo.models.CriticModel`) for the response steps."""
+    attention = rollout.attention_mask
+    values = critic(rollout.input_ids, attention, position_ids(attention))  # [B, P + R]
+    steps = rollout.response_ids.shape[1]
+    return values[:, -steps - 1 : -1] * rollout.response_mask  # [B, R]
+
+
+def load_callable(path: str, field: str) -> Callable:
+    """Import `module:function` (one-line error naming `field` when it cannot)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{field}: {path!r} is not an import path of the form 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{field}: cannot import module {module_name!r} ({err})") from err
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"{field}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"{field}: {path!r} is not callable")
+    return fn
+
+
+def call_reward_fn(
+    fn: Callable, prompts: list[str], responses: list[str], batched: bool | None, field: str
+) -> list[float]:
+    """Scores from a (prompts, responses) → list or (prompt, response) → float callable.
+
+    With `batched=None`, lists are tried first; a result that is not a sequence of len(prompts)
+    numbers (or an exception) falls back to one call per pair.
+    """
+    scores = None
+    batch_error: Exception | None = None
+    if batched is not False:
+        try:
+            out = fn(prompts, responses)
+        except Exception as err:  # a per-sample function given lists fails in arbitrary ways
+            if batched:
+                raise
+            out, batch_error = None, err
+        if isinstance(out, torch.Tensor):
+            out = out.tolist()
+        if isinstance(out, Sequence) and len(out) == len(prompts):
+            scores = [float(x) for x in out]
+        elif batched:
+            raise ValueError(f"{field}: expected a list of {len(prompts)} floats, got {type(out)}")
+    if scores is None:
+        try:
+            scores = [float(fn(p, r)) for p, r in zip(prompts, responses)]
+        except Exception as err:
+            if batch_error is not None:
+                raise ValueError(
+                    f"{field}: fails with lists ({batch_error!r}) and per sample ({err!r})"
+                ) from err
+            raise
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"{field}: non-finite reward for sample {bad[0]}: {responses[bad[0]]!r}")
+    return scores
+
+
+class RunningMoments:
+    """Running mean / std of scalar rewards (Chan et al. parallel update); state-dict-able."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, values: torch.Tensor) -> None:
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
