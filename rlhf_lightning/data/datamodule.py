@@ -283,7 +283,11 @@ class RLHFDataModule(pl.LightningDataModule):
 
     def _batches_consumed_in_epoch(self) -> int:
         loop = self.trainer.fit_loop if self.trainer is not None else None
-        return int(loop.epoch_loop.batch_progress.current.processed) if loop is not None else 0
+        if loop is None:
+            return 0
+        processed = int(loop.epoch_loop.batch_progress.current.processed)
+        # A finished epoch resumes at the start of the next one: nothing to skip.
+        return 0 if processed >= self.trainer.num_training_batches else processed
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches of the module's `data_kind`; [] (no validation) when empty."""

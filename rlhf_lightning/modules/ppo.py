@@ -52,7 +52,6 @@ from rlhf_lightning.ppo.reporting import (
     log_histograms,
     sample_rows,
 )
-from rlhf_lightning.ppo.resumable import ResumableLoader
 from rlhf_lightning.ppo.rollout import Rollout, RunningMoments, load_callable
 from rlhf_lightning.ppo.state import coerce_config, get_rng_state, same_vocabulary, set_rng_state
 from rlhf_lightning.ppo.step import ppo_update
@@ -127,8 +126,6 @@ class PPOModule(pl.LightningModule):
         self._rng: dict | None = None
         self._ptx_pos = {"epoch": 0, "consumed": 0}
         self._ptx_iter = None
-        self._data_pos = (0, 0)  # (epoch, batches done in it) of the prompt loader
-        self._pending_data_pos: tuple[int, int] | None = None
 
     def _validate(self) -> None:
         r, k = self.reward_cfg, self.kl_cfg
@@ -243,29 +240,6 @@ class PPOModule(pl.LightningModule):
             return [None] * len(self.ppo_optimizers())
         return list(scheds) if isinstance(scheds, list | tuple) else [scheds]
 
-    def setup(self, stage: str) -> None:
-        """Make the datamodule's prompt loader resumable (seeded per-epoch order + position)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if stage != "fit" or dm is None or getattr(dm, "_ppo_resumable", False):
-            return
-        original = dm.train_dataloader
-
-        def train_dataloader():
-            return ResumableLoader(
-                original(),
-                seed=int(getattr(dm, "seed", 0)),
-                epoch_fn=lambda: self.trainer.current_epoch,
-                position_fn=lambda: self._data_pos,
-                pending_fn=self._pop_pending_data_pos,
-            )
-
-        dm.train_dataloader = train_dataloader
-        dm._ppo_resumable = True
-
-    def _pop_pending_data_pos(self) -> tuple[int, int] | None:
-        pending, self._pending_data_pos = self._pending_data_pos, None
-        return pending
-
     # ------------------------------------------------------------------ data helpers
     def decode_responses(self, rollout: Rollout) -> list[str]:
         """Response texts without EOS/padding."""
@@ -326,9 +300,6 @@ class PPOModule(pl.LightningModule):
         self._log_samples(rollout, info)
         self.history.append(metrics)
         self.iteration += 1
-        epoch = self.trainer.current_epoch
-        finished = batch_idx + 1 >= self.trainer.num_training_batches
-        self._data_pos = (epoch + 1, 0) if finished else (epoch, batch_idx + 1)
         self._rng = get_rng_state()
 
     def _log_samples(self, rollout: Rollout, info: dict) -> None:
@@ -380,7 +351,6 @@ class PPOModule(pl.LightningModule):
             "running": self.running.state_dict(),
             "rng": self._rng if self._rng is not None else get_rng_state(),
             "ptx_position": dict(self._ptx_pos),
-            "data_position": list(self._data_pos),
             "history": self.history,
             "warnings": self.warnings,
         }
@@ -404,6 +374,4 @@ class PPOModule(pl.LightningModule):
         self.running.load_state_dict(ppo["running"])
         self._rng = ppo["rng"]
         self._ptx_pos, self._ptx_iter = dict(ppo["ptx_position"]), None
-        self._data_pos = tuple(ppo["data_position"])
-        self._pending_data_pos = self._data_pos
         self.history, self.warnings = list(ppo["history"]), list(ppo["warnings"])

@@ -8,7 +8,7 @@
 - `rollout`: the shape-documented `Rollout` container, generation, log-prob/value passes,
   reward callables; `experience` (steps 1–4) and `step` (step 5) of one PPO iteration.
 - `models`: critic, frozen reference, dropout control; `config`: the option dataclasses;
-  `reporting`: metrics/tables/histograms; `resumable`: the resumable prompt loader;
+  `reporting`: metrics/tables/histograms;
   `state`: RNG snapshots; `toy`: trivial rewards for smoke tests.
 
 Submodules are imported explicitly (nothing is re-exported here, to keep imports light).

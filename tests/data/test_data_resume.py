@@ -60,15 +60,19 @@ def _fit(tokenizer, max_steps, tmp_path, ckpt_path=None, save_every=None, early_
     return module.seen
 
 
-@pytest.mark.parametrize("early_loader", [False, True])
-def test_resume_mid_epoch_sees_the_same_batches(tiny_tokenizer, tmp_path, early_loader):
+@pytest.mark.parametrize(
+    "early_loader,save_at", [(False, 4), (True, 4), (False, 7)], ids=["mid", "early", "epoch_end"]
+)
+def test_resume_sees_the_same_batches(tiny_tokenizer, tmp_path, early_loader, save_at):
     # 20 records / batch 3 = 7 batches per epoch: step 9 crosses into the second epoch.
     straight = _fit(tiny_tokenizer, 9, tmp_path / "a", early_loader=early_loader)
-    first = _fit(tiny_tokenizer, 4, tmp_path / "b", save_every=4, early_loader=early_loader)
-    ckpt = str(tmp_path / "b" / "step=4.ckpt")
+    first = _fit(
+        tiny_tokenizer, save_at, tmp_path / "b", save_every=save_at, early_loader=early_loader
+    )
+    ckpt = str(tmp_path / "b" / f"step={save_at}.ckpt")
     resumed = _fit(tiny_tokenizer, 9, tmp_path / "c", ckpt_path=ckpt, early_loader=early_loader)
-    assert first == straight[:4]
-    assert resumed == straight[4:]
+    assert first == straight[:save_at]
+    assert resumed == straight[save_at:]
     assert straight[:7] != straight[7:] + straight[:2]  # epochs are shuffled differently
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lightning.ppo.resumable import ResumableLoader
 from rlhf_lightning.ppo.rollout import (
     Rollout,
     RunningMoments,
@@ -82,28 +81,3 @@ def test_running_moments_match_torch():
     clone = RunningMoments()
     clone.load_state_dict(rm.state_dict())
     assert clone.std == rm.std
-
-
-def test_resumable_loader_order_skip_and_state():
-    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3, collate_fn=list)
-    epoch = {"e": 0}
-    pos = {"p": (0, 0)}
-    wrapped = ResumableLoader(
-        loader, seed=5, epoch_fn=lambda: epoch["e"], position_fn=lambda: pos["p"]
-    )
-    assert len(wrapped) == 4
-    first = list(wrapped)
-    assert sorted(x for b in first for x in b) == list(range(10))
-    assert list(wrapped) == first  # same epoch → same order, independent of the global RNG
-    epoch["e"] = 1
-    second = list(wrapped)
-    assert second != first
-    pos["p"] = (1, 2)
-    state = wrapped.state_dict()
-    other = ResumableLoader(loader, seed=5, epoch_fn=lambda: 0, position_fn=lambda: (0, 0))
-    other.load_state_dict(state)
-    assert list(other) == second[2:]  # the saved epoch wins, done batches are skipped
-    with pytest.raises(ValueError, match="seed"):
-        ResumableLoader(
-            loader, seed=6, epoch_fn=lambda: 0, position_fn=lambda: (0, 0)
-        ).load_state_dict(state)
