@@ -87,3 +87,23 @@ def test_titles_and_aspects_carry_no_sentiment():
     assert [w for w in neutral if w in lexicon] == []
     for polarity in (-2, -1, 1, 2):  # graded banks: every word in VADER with the right sign
         assert all(lexicon.get(w, 0) * polarity > 0 for w in sentiment.ADJECTIVES[polarity])
+
+
+def test_gold_score_is_vader_for_fluent_reviews_and_penalises_repetition():
+    from rlhf_lightning.tasks.sentiment import (
+        REPETITION_TOLERANCE,
+        demonstrations,
+        gold_score,
+        repeated_bigram_fraction,
+        vader_score,
+    )
+
+    fluent = [d["response"] for d in demonstrations(300, seed=1)]
+    assert all(repeated_bigram_fraction(r) <= REPETITION_TOLERANCE for r in fluent)
+    assert all(gold_score("p", r) == vader_score("p", r) for r in fluent)
+    hacked = (
+        "i loved it excellent . i loved it excellent . i was excellent . i loved it excellent ."
+    )
+    assert repeated_bigram_fraction(hacked) > 0.5
+    assert vader_score("p", hacked) > 0.9 and gold_score("p", hacked) < 0.0
+    assert repeated_bigram_fraction("a b a b") == 1 - 2 / 3 and repeated_bigram_fraction("a") == 0.0
