@@ -1,0 +1,54 @@
+"""Backend choice for the token-statistics kernels.
+
+``"triton"`` runs the fused Triton kernels (CUDA tensors, or CPU tensors when the Triton
+interpreter is on: ``TRITON_INTERPRET=1`` set before ``import triton``); ``"chunked"``
+(alias ``"torch"``) runs the chunked-torch implementation. ``"auto"`` picks triton for CUDA
+tensors when Triton imports, chunked otherwise. Precedence: the ``backend=`` argument, then
+the ``RLHF_KERNEL_BACKEND`` environment variable, then ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_VAR = "RLHF_KERNEL_BACKEND"
+_ALIASES = {"auto": "auto", "triton": "triton", "torch": "chunked", "chunked": "chunked"}
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works (GPU build, or the interpreter on CPU)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreter_on() -> bool:
+    """True when the Triton interpreter (CPU execution of kernels) is requested."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """Return ``"triton"`` or ``"chunked"`` for tensor ``x``; raise ValueError for bad names."""
+    raw = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
+    name = _ALIASES.get(str(raw).strip().lower())
+    if name is None:
+        src = "backend=" if backend is not None else f"environment variable {ENV_VAR}="
+        raise ValueError(
+            f"{src}{raw!r} is not a kernel backend; choose one of 'auto', 'triton', 'torch'/'chunked'"
+        )
+    if name == "auto":
+        return "triton" if x.is_cuda and triton_available() else "chunked"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' requested but triton cannot be imported")
+        if not x.is_cuda and not interpreter_on():
+            raise ValueError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing triton"
+            )
+    return name
