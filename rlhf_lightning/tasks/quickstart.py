@@ -35,7 +35,20 @@ class Context:
     results: dict[str, dict] = field(default_factory=dict)
     assets: object = None
     overrides: list[str] = field(default_factory=list)
-    """Extra `KEY=VALUE` CLI overrides appended to every fit stage (e.g. `trainer.max_steps=10`)."""
+    """Extra CLI overrides: `KEY=VALUE` for every fit stage (e.g. `trainer.max_steps=10`),
+    `STAGE:KEY=VALUE` for one stage only (e.g. `label:limit=32`, `sft:trainer.max_steps=4`)."""
+
+    def stage_overrides(self, stage: str, *, unscoped: bool = True) -> list[str]:
+        """`--KEY=VALUE` arguments for `stage`: its scoped overrides (+ the unscoped ones)."""
+        found = []
+        for item in self.overrides:
+            key = item.partition("=")[0]
+            scope, colon, _ = key.partition(":")
+            if colon and scope == stage:
+                found.append("--" + item[len(scope) + 1 :])
+            elif not colon and unscoped:
+                found.append("--" + item)
+        return found
 
     def config(self, name: str) -> Path:
         path = self.configs / name
@@ -69,7 +82,7 @@ def fit_stage(ctx: Context, config: str, version: str, overrides: dict[str, str]
         f"--trainer.logger.init_args.version={version}",
     ]
     argv += [f"--{key}={value}" for key, value in overrides.items()]
-    argv += [f"--{item}" for item in ctx.overrides]
+    argv += ctx.stage_overrides(version)
     cli = run_cli(argv)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = cli.trainer.global_step
@@ -108,10 +121,123 @@ def sft_stage(ctx: Context) -> dict:
     }
 
 
+def label_stage(ctx: Context) -> dict:
+    """`rlhf label`: K samples per prompt from the SFT policy, ranked by the simulated human."""
+    from rlhf_lightning.labeling import main as label_main
+
+    out = ctx.out
+    summary = label_main(
+        [
+            "--config", str(ctx.config("label.yaml")),
+            f"--policy.name_or_path={out / 'export' / 'sft'}",
+            f"--prompts.path={out / 'data' / 'prompts.jsonl'}",
+            f"--out={out / 'data' / 'rankings.jsonl'}",
+            f"--seed={ctx.seed}",
+            *ctx.stage_overrides("label", unscoped=False),
+        ]
+    )  # fmt: skip
+    return {k: summary[k] for k in ("prompts", "written", "all_tied") if k in summary}
+
+
+def reward_stage(ctx: Context) -> dict:
+    """Reward model on the collected rankings (K-wise loss), initialised from the SFT export."""
+    out = ctx.out
+    sft = str(out / "export" / "sft")
+    metrics = fit_stage(
+        ctx,
+        "reward.yaml",
+        "reward",
+        {
+            "seed_everything": str(ctx.seed),
+            "model.init_args.model_spec.name_or_path": sft,
+            "model.init_args.export_dir": str(out / "export" / "reward"),
+            "data.tokenizer": sft,
+            "data.preferences.path": str(out / "data" / "rankings.jsonl"),
+        },
+    )
+    keys = ("reward/train/loss", "reward/val/loss", "reward/val/accuracy", "global_step")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _ppo_overrides(ctx: Context, export_name: str) -> dict[str, str]:
+    out = ctx.out
+    return {
+        "seed_everything": str(ctx.seed),
+        "model.init_args.policy.name_or_path": str(out / "export" / "sft"),
+        "model.init_args.reward.model": str(out / "export" / "reward"),
+        "model.init_args.export_dir": str(out / "export" / export_name),
+        "data.tokenizer": str(out / "export" / "sft"),
+        "data.prompts.path": str(out / "data" / "prompts.jsonl"),
+    }
+
+
+def _ppo_result(metrics: dict) -> dict:
+    keys = ("objective/reward_raw", "objective/gold", "objective/kl", "global_step")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def ppo_stage(ctx: Context) -> dict:
+    """PPO against the reward model with the KL leash to the SFT policy."""
+    return _ppo_result(fit_stage(ctx, "ppo.yaml", "ppo", _ppo_overrides(ctx, "ppo")))
+
+
+def overopt_stage(ctx: Context) -> dict:
+    """The over-optimisation demo: no KL penalty, longer training; watch the monitor's warnings."""
+    metrics = fit_stage(ctx, "ppo_overopt.yaml", "ppo_overopt", _ppo_overrides(ctx, "ppo_overopt"))
+    result = _ppo_result(metrics)
+    result.update(_evaluate(ctx, "ppo_overopt"))
+    return result
+
+
+def _evaluate(ctx: Context, export_name: str) -> dict:
+    from rlhf_lightning.tasks.evaluate import evaluate_policy
+
+    held_out = ctx.out / "data" / "sft_val.jsonl"  # prompts never used by label or PPO
+    found = evaluate_policy(str(ctx.out / "export" / export_name), str(held_out), seed=ctx.seed)
+    return {"gold": found["gold"], "distinct_2": found["distinct_2"]}
+
+
+def evaluate_stage(ctx: Context) -> dict:
+    """Mean gold score of SFT and PPO samples on the same held-out prompts and sampling settings."""
+    sft, ppo = _evaluate(ctx, "sft"), _evaluate(ctx, "ppo")
+    return {
+        "gold_sft": sft["gold"],
+        "gold_ppo": ppo["gold"],
+        "distinct_2_sft": sft["distinct_2"],
+        "distinct_2_ppo": ppo["distinct_2"],
+    }
+
+
 STAGES: list[Stage] = [
     Stage("prepare", prepare_stage, "generate the embedded sentiment task"),
     Stage("sft", sft_stage, "supervised fine-tuning"),
+    Stage("label", label_stage, "collect ranked comparisons from the SFT policy"),
+    Stage("reward", reward_stage, "reward model on the rankings"),
+    Stage("ppo", ppo_stage, "PPO against the reward model"),
+    Stage("evaluate", evaluate_stage, "gold score of SFT vs PPO on held-out prompts"),
 ]
+# Run on request (`--stages overopt`, after the main pipeline): not part of the default run.
+EXTRA_STAGES: list[Stage] = [
+    Stage("overopt", overopt_stage, "over-optimisation demo (kl_coef 0, longer)"),
+]
+
+SUMMARY_KEYS = {
+    "sft_val_loss": ("sft", "val/loss"),
+    "rm_val_accuracy": ("reward", "reward/val/accuracy"),
+    "gold_sft": ("evaluate", "gold_sft"),
+    "gold_ppo": ("evaluate", "gold_ppo"),
+    "kl_final": ("ppo", "objective/kl"),
+}
+
+
+def write_summary(ctx: Context) -> dict | None:
+    """`summary.json` of a full run (None when a stage it needs did not run)."""
+    if not all(stage in ctx.results for stage, _ in SUMMARY_KEYS.values()):
+        return None
+    summary = {name: ctx.results[stage].get(key) for name, (stage, key) in SUMMARY_KEYS.items()}
+    summary["seconds"] = {name: result["seconds"] for name, result in ctx.results.items()}
+    (ctx.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def _fmt(value) -> str:
@@ -150,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages",
         default=None,
-        help="comma-separated subset of: " + ",".join(s.name for s in STAGES),
+        help="comma-separated subset of: " + ",".join(s.name for s in STAGES + EXTRA_STAGES),
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
@@ -158,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="CLI override for every fit stage, e.g. trainer.max_steps=10 (repeatable)",
+        help="CLI override for every fit stage, e.g. trainer.max_steps=10, or for one stage, "
+        "e.g. label:limit=32 or ppo:trainer.max_steps=8 (repeatable)",
     )
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    everything = STAGES + EXTRA_STAGES
     wanted = args.stages.split(",") if args.stages else [s.name for s in STAGES]
-    unknown = sorted(set(wanted) - {s.name for s in STAGES})
+    unknown = sorted(set(wanted) - {s.name for s in everything})
     if unknown:
         parser.error(f"unknown stage(s): {', '.join(unknown)}")
     ctx = Context(
@@ -174,12 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ctx.out.mkdir(parents=True, exist_ok=True)
     try:
-        rows = run_pipeline(ctx, [s for s in STAGES if s.name in wanted])
+        rows = run_pipeline(ctx, [s for s in everything if s.name in wanted])
     except Exception as err:  # report which stage failed, in one line, then the traceback
         print(f"quickstart: stage failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise
     print(summary_table(rows))
     (ctx.out / "stages.json").write_text(json.dumps(ctx.results, indent=2))
+    summary = write_summary(ctx)
+    if summary is not None:
+        print(
+            "summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if k != "seconds")
+        )
+        print(f"written: {ctx.out / 'summary.json'}")
     print(f"TensorBoard: tensorboard --logdir {ctx.out / 'tb'}")
     return 0
 

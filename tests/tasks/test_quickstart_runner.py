@@ -57,3 +57,42 @@ def test_short_prepare_and_sft_run(tmp_path, capsys):
     assert (tmp_path / "export" / "sft" / "model.safetensors").is_file()
     assert list((tmp_path / "tb" / "sft").glob("events.out.tfevents.*"))
     assert "sft" in capsys.readouterr().out
+
+
+def test_scoped_overrides_apply_to_their_stage_only(tmp_path):
+    ctx = quickstart.Context(
+        out=tmp_path, configs=tmp_path, overrides=["trainer.max_steps=3", "label:limit=8"]
+    )
+    assert ctx.stage_overrides("sft") == ["--trainer.max_steps=3"]
+    assert ctx.stage_overrides("label", unscoped=False) == ["--limit=8"]
+    assert ctx.stage_overrides("ppo") == ["--trainer.max_steps=3"]
+
+
+@pytest.mark.slow
+def test_full_pipeline_writes_summary(tmp_path, capsys):
+    """Every default stage, shortened: SFT → label → RM → PPO → gold evaluation → summary.json."""
+    threads = torch.get_num_threads()
+    shorten = [
+        "sft:trainer.max_steps=30",
+        "sft:trainer.val_check_interval=30",
+        "sft:model.init_args.sample_every_n_steps=0",
+        "label:limit=48",
+        "reward:trainer.max_steps=6",
+        "reward:trainer.val_check_interval=6",
+        "ppo:trainer.limit_train_batches=2",
+        "ppo:trainer.max_epochs=1",
+    ]
+    argv = ["--out", str(tmp_path)] + [a for item in shorten for a in ("--override", item)]
+    try:
+        assert quickstart.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {
+        "sft_val_loss", "rm_val_accuracy", "gold_sft", "gold_ppo", "kl_final", "seconds",
+    }  # fmt: skip
+    assert list(summary["seconds"]) == [s.name for s in quickstart.STAGES]
+    assert 0.0 <= summary["rm_val_accuracy"] <= 1.0 and summary["sft_val_loss"] > 0
+    assert -4.0 <= summary["gold_sft"] <= 1.0 and -4.0 <= summary["gold_ppo"] <= 1.0
+    assert (tmp_path / "export" / "ppo" / "model.safetensors").is_file()
+    assert "gold_ppo=" in capsys.readouterr().out
