@@ -173,7 +173,23 @@ def _load(auto_cls, spec: ModelSpec, vocab_size, num_labels, pad_token_id, task_
             ) from err
         if pad_token_id is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
+        if spec.gguf_file:
+            _forget_gguf_quantizer(model)
     return _finish(model, spec, task_type)
+
+
+def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a GGUF-loaded model as the plain float model it is.
+
+    transformers dequantises GGUF tensors while loading but keeps a GGUF quantizer on the
+    model, and `save_pretrained` refuses such models ("quantized with gguf and is not
+    serializable"). The weights are ordinary float tensors, so the exports of every stage
+    (SFT policy, reward model, PPO policy) drop the quantizer and save them as usual.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_causal_lm(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from rlhf_lightning.models.loading import ModelSpec, load_causal_lm
 
@@ -82,3 +83,8 @@ def test_gguf_round_trip_logits(tmp_path, tiny_config, as_path):
     ids = torch.randint(0, len(vocab), (2, 7))  # [B, T]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+    # the dequantised model exports like any other and reloads without the GGUF file
+    loaded.save_pretrained(tmp_path / "export")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, loaded(ids).logits, atol=0, rtol=0)
