@@ -210,6 +210,15 @@ def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
     serializable"). The weights are ordinary float tensors, so the exports of every stage
     (SFT policy, reward model, PPO policy) drop the quantizer and save them as usual.
     """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return
+    config = getattr(quantizer, "quantization_config", None)
+    if getattr(quantizer, "supported", False) and not getattr(config, "dequantize", True):
+        raise ModelSpecError(
+            "model field 'gguf_file': weights kept in quantised GGUF blocks cannot be trained or "
+            "exported; load with dequantisation (the transformers default)"
+        )
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):

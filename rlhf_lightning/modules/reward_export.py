@@ -89,26 +89,6 @@ def score_texts(
     return scores
 
 
-def _drop_dequantized_gguf(model: nn.Module) -> None:
-    """Forget the GGUF quantizer of a model whose GGUF weights were dequantised on load.
-
-    transformers keeps `hf_quantizer` (not serialisable) on such models although their weights
-    are plain float tensors; the export writes those tensors as an ordinary checkpoint.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
-        return
-    packed = getattr(quantizer, "supported", False) and not quantizer.quantization_config.dequantize
-    if packed:
-        raise ValueError(
-            "export: GGUF weights kept in quantised blocks cannot be saved; load with dequantisation"
-        )
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def _needs_own_pad(tokenizer) -> bool:
     pad = tokenizer.pad_token_id
     return pad is None or pad == tokenizer.eos_token_id
@@ -131,7 +111,6 @@ def export_reward_model(
     export_model = copy.deepcopy(model)
     if inner is not model:
         export_model = export_model.merge_and_unload()
-    _drop_dequantized_gguf(export_model)
     if _needs_own_pad(export_tok):
         export_tok.add_special_tokens({"pad_token": RM_PAD_TOKEN})
         rows = export_model.get_input_embeddings().weight.shape[0]
