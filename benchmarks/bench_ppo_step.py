@@ -338,11 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-csv", action="store_true", help="do not append to ppo_step.csv")
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Workload(
-        iterations=ns.iterations, threads=ns.threads, layers=ns.layers, hidden=ns.hidden
-    )
-    if ns.hidden != 576:
-        work.intermediate, work.heads, work.kv_heads = 2 * ns.hidden, 4, 2
+    work = Workload.from_cli(ns.iterations, ns.threads, ns.layers, ns.hidden)
     torch.set_num_threads(work.threads)
     smoke = ns.layers != 30 or ns.hidden != 576
     trl = json.loads(ns.trl_json.read_text()) if ns.trl_json else None

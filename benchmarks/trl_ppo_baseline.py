@@ -64,6 +64,14 @@ class Workload:
     kl_coef: float = 0.05
     temperature: float = 1.0
 
+    @classmethod
+    def from_cli(cls, iterations: int, threads: int, layers: int, hidden: int) -> Workload:
+        """The workload of the command-line flags; a non-default width shrinks the MLP and heads."""
+        work = cls(iterations=iterations, threads=threads, layers=layers, hidden=hidden)
+        if hidden != 576:
+            work.intermediate, work.heads, work.kv_heads = 2 * hidden, 4, 2
+        return work
+
 
 def model_config(work: Workload) -> dict:
     """Llama config dict (`model_type` key, as `ModelSpec(config=...)` takes it)."""
@@ -296,11 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "trl_ppo.json", help="JSON output")
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Workload(
-        iterations=ns.iterations, threads=ns.threads, layers=ns.layers, hidden=ns.hidden
-    )
-    if ns.hidden != 576:
-        work.intermediate, work.heads, work.kv_heads = 2 * ns.hidden, 4, 2
+    work = Workload.from_cli(ns.iterations, ns.threads, ns.layers, ns.hidden)
     torch.set_num_threads(work.threads)
     import trl
 
