@@ -28,6 +28,11 @@ class GenerationConfig:
     """Suppress EOS before this many tokens (0 = off)."""
     micro_batch_size: int | None = None
     """Rollout micro-batch (generation and log-prob/value passes); null = the whole prompt batch."""
+    sampler_logprobs: bool = True
+    """Take π_old log-probs and entropy from the logits `generate` computes anyway (as TRL does),
+    saving one policy forward per iteration; the first-minibatch ratio check then compares the
+    training forward with the sampler. Holds one micro-batch's [b, R, V] float32 logits. Ignored
+    (a policy forward runs) with `kl.estimator: full` or `critic.kind: value_head`."""
 
 
 @dataclass

@@ -28,7 +28,13 @@ from rlhf_lightning.ppo.rollout import (
     response_forward,
 )
 
-__all__ = ["collect_experience", "hf_generation_config", "score_reward_model", "micro_batches"]
+__all__ = [
+    "collect_experience",
+    "hf_generation_config",
+    "score_reward_model",
+    "micro_batches",
+    "uses_sampler_logprobs",
+]
 
 
 def micro_batches(n: int, size: int | None) -> list[slice]:
@@ -116,11 +122,24 @@ def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     return scores
 
 
+def uses_sampler_logprobs(module) -> bool:
+    """Whether π_old comes from the sampler's logits (no policy forward in step 3): asked for by
+    `generation.sampler_logprobs` and possible unless the exact-KL estimator needs the policy's
+    logits beside the reference's, or a shared value head needs its hidden states."""
+    return (
+        module.generation_cfg.sampler_logprobs
+        and module.kl_cfg.estimator != "full"
+        and module.value_head is None
+    )
+
+
 def _logprobs_values_kl(module, rollout: Rollout) -> None:
-    """Fill old/ref log-probs, entropy, per-token KL and values, in rollout micro-batches."""
+    """Fill ref log-probs, per-token KL, values and (unless the sampler gave them) old log-probs
+    and entropy, in rollout micro-batches."""
     gen, kl_cfg = module.generation_cfg, module.kl_cfg
     full = kl_cfg.estimator == "full"
     shared = module.value_head is not None
+    have_old = rollout.logprobs is not None
     parts = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "kl", "values")}
     for part in micro_batches(len(rollout), gen.micro_batch_size):
         sub = rollout.select(torch.arange(len(rollout))[part])
@@ -128,13 +147,16 @@ def _logprobs_values_kl(module, rollout: Rollout) -> None:
             ref_logp, ref_logits = reference_logprobs(
                 ref_model, sub, temperature=gen.temperature, keep_logits=full
             )
-        out = response_forward(
-            module.policy,
-            sub,
-            temperature=gen.temperature,
-            ref_logits=ref_logits,
-            with_hidden=shared,
-        )
+        if have_old:
+            out = {"logprobs": sub.logprobs, "entropy": sub.entropy}
+        else:
+            out = response_forward(
+                module.policy,
+                sub,
+                temperature=gen.temperature,
+                ref_logits=ref_logits,
+                with_hidden=shared,
+            )
         mask = sub.response_mask
         if full:
             kl = out["kl"]
@@ -168,7 +190,7 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
     try:
         # 1. rollout: sample responses (HF generate, KV cache, left-padded prompts)
         t0 = time.perf_counter()
-        response_ids, response_mask = generate(
+        samples = generate(
             module.policy,
             batch["input_ids"],
             batch["attention_mask"],
@@ -176,8 +198,17 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
             eos_token_id=module.eos_ids,
             pad_token_id=module.tokenizer.pad_token_id,
             micro_batch_size=module.generation_cfg.micro_batch_size,
+            with_logprobs=uses_sampler_logprobs(module),
+            temperature=module.generation_cfg.temperature,
         )
-        rollout = Rollout(batch["input_ids"], batch["attention_mask"], response_ids, response_mask)
+        rollout = Rollout(
+            batch["input_ids"],
+            batch["attention_mask"],
+            samples.response_ids,
+            samples.response_mask,
+            logprobs=samples.logprobs,  # None unless π_old comes from the sampler
+            entropy=samples.entropy,
+        )
         info["rollout_s"] = time.perf_counter() - t0
 
         # 2. score: RM export or reward callable; normalise, missing-EOS penalty, clip
@@ -193,7 +224,7 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
         info["responses"], info["prompts"] = texts, list(batch["prompt_text"])
         info["score_s"] = time.perf_counter() - t0
 
-        # 3. old / reference log-probs, entropy, per-token KL, values
+        # 3. reference log-probs, per-token KL, values (+ old log-probs, entropy if not sampled)
         t0 = time.perf_counter()
         _logprobs_values_kl(module, rollout)
         info["logprob_s"] = time.perf_counter() - t0

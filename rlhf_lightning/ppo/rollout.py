@@ -26,6 +26,7 @@ from rlhf_lightning.kernels import token_logprobs, token_stats
 
 __all__ = [
     "Rollout",
+    "Samples",
     "response_mask",
     "position_ids",
     "generate",
@@ -94,6 +95,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class Samples:
+    """What `generate` returns. B = prompts, R = the longest response in the batch."""
+
+    response_ids: torch.Tensor  # Long[B, R] right-padded after the first EOS
+    response_mask: torch.Tensor  # Long[B, R] 1 up to and including EOS
+    logprobs: torch.Tensor | None = None  # Float[B, R] log π(a_t) from the sampler's logits
+    entropy: torch.Tensor | None = None  # Float[B, R] entropy of π at each sampled step
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -104,16 +115,21 @@ def generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     micro_batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_logprobs: bool = False,
+    temperature: float = 1.0,
+) -> Samples:
     """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
+
+    With `with_logprobs`, the raw logits `generate` computes for every step (before temperature
+    and top-k/top-p) are reduced right away to log π(a_t) and entropy of softmax(z / T) with the
+    kernels, so the policy needs no second forward pass for π_old. Only one micro-batch's
+    Float[b, R, V] logits are alive at a time.
 
     Args:
         query_ids: Long[B, P]; query_mask: Long[B, P].
         generation_config: a `transformers.GenerationConfig`.
-    Returns:
-        (response_ids Long[B, R], response_mask Long[B, R]); R = the longest response.
     """
-    chunks = []
+    chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     size = micro_batch_size or len(query_ids)
     width = query_ids.shape[1]
     for start in range(0, len(query_ids), size):
@@ -121,14 +137,31 @@ def generate(
             input_ids=query_ids[start : start + size],
             attention_mask=query_mask[start : start + size],
             generation_config=generation_config,
-        )  # [b, P + r]
-        chunks.append(out[:, width:])
-    longest = max(c.shape[1] for c in chunks)
-    padded = [nn.functional.pad(c, (0, longest - c.shape[1]), value=pad_token_id) for c in chunks]
-    response_ids = torch.cat(padded, dim=0)  # [B, R]
+            output_logits=with_logprobs,
+            return_dict_in_generate=True,
+        )
+        ids = out.sequences[:, width:]  # [b, r]
+        logp = entropy = None
+        if with_logprobs:
+            logits = torch.stack(out.logits, dim=1)  # [b, r, V] raw, float32
+            mask = response_mask(ids, eos_token_id).bool()  # [b, r]
+            logp, entropy, _ = token_stats(logits, ids, temperature=temperature, mask=mask)
+            del logits
+        chunks.append((ids, logp, entropy))
+    longest = max(c[0].shape[1] for c in chunks)
+
+    def cat(index: int, value) -> torch.Tensor:
+        parts = [c[index] for c in chunks]
+        return torch.cat(
+            [nn.functional.pad(x, (0, longest - x.shape[1]), value=value) for x in parts]
+        )
+
+    response_ids = cat(0, pad_token_id)  # [B, R]
     mask = response_mask(response_ids, eos_token_id)  # [B, R]
-    response_ids = response_ids.masked_fill(mask == 0, pad_token_id)
-    return response_ids, mask
+    samples = Samples(response_ids.masked_fill(mask == 0, pad_token_id), mask)
+    if with_logprobs:
+        samples.logprobs, samples.entropy = cat(1, 0.0), cat(2, 0.0)  # [B, R] each
+    return samples
 
 
 def response_forward(

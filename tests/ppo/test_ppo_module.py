@@ -321,3 +321,43 @@ def test_update_is_invariant_to_micro_batch_size(tmp_path, tiny_tokenizer, tiny_
             assert torch.allclose(p, q, atol=1e-5)
         for p, q in zip(base.critic.parameters(), other.critic.parameters()):
             assert torch.allclose(p, q, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "full"])
+def test_sampler_logprobs_match_a_policy_forward(
+    tiny_tokenizer, tiny_config, estimator, monkeypatch
+):
+    """π_old from generate's logits == π_old from a second policy forward (same samples); the
+    policy forward of step 3 is skipped unless the exact-KL estimator needs the policy logits."""
+    import rlhf_lightning.ppo.experience as experience
+
+    calls = []
+    real = experience.response_forward
+    monkeypatch.setattr(
+        experience, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    dm = _datamodule(tiny_tokenizer, batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("prompt", "train")))
+    rollouts = {}
+    for sampled in (True, False):
+        torch.manual_seed(0)
+        module = _module(
+            tiny_tokenizer,
+            tiny_config,
+            generation=GenerationConfig(
+                max_new_tokens=8, temperature=0.7, sampler_logprobs=sampled, micro_batch_size=3
+            ),
+            kl=KLConfig(coef=0.01, estimator=estimator),
+        )
+        module.tokenizer = tiny_tokenizer
+        module.configure_model()
+        calls.clear()
+        torch.manual_seed(1)
+        rollouts[sampled], _ = experience.collect_experience(module, batch)
+        assert len(calls) == (0 if sampled and estimator != "full" else 3)  # 3 micro-batches
+    a, b = rollouts[True], rollouts[False]
+    assert torch.equal(a.response_ids, b.response_ids) and a.response_mask.sum() > 8
+    for key in ("logprobs", "entropy", "ref_logprobs", "kl", "values"):
+        assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-5), key
+    assert (a.logprobs * (1 - a.response_mask)).abs().sum() == 0  # padding stays 0
