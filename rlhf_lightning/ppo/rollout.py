@@ -14,6 +14,7 @@ temperature-consistent log-probs).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -132,13 +133,13 @@ def generate(
     chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     size = micro_batch_size or len(query_ids)
     width = query_ids.shape[1]
+    config = copy.deepcopy(generation_config)
+    config.output_logits, config.return_dict_in_generate = with_logprobs, True
     for start in range(0, len(query_ids), size):
         out = model.generate(
             input_ids=query_ids[start : start + size],
             attention_mask=query_mask[start : start + size],
-            generation_config=generation_config,
-            output_logits=with_logprobs,
-            return_dict_in_generate=True,
+            generation_config=config,
         )
         ids = out.sequences[:, width:]  # [b, r]
         logp = entropy = None

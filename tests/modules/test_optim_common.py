@@ -73,3 +73,34 @@ def test_markdown_table_and_logging():
     assert log_text_table([logger, object()], "samples/sft", rows, step=7)
     assert logger.experiment.calls == [("samples/sft", text, 7)]
     assert not log_text_table(None, "x", rows, 0)
+
+
+def test_fused_adamw_matches_the_reference_update():
+    """build_optimizer picks torch's fused AdamW and it follows the per-tensor update rule."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    twin.load_state_dict(model.state_dict())
+    start = model[0].weight.detach().clone()
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, total_steps=10)
+    fused, _ = build_optimizer(model.parameters(), cfg)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(
+        [
+            {"params": [twin[0].weight], "weight_decay": 0.1},
+            {"params": [twin[0].bias, twin[1].weight, twin[1].bias], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        foreach=False,
+    )
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for net, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert (model[0].weight - start).abs().max() > 1e-3  # the steps did move the weights
