@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from . import report
+from .trl_ppo_baseline import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = ("token_stats", "linear_token_stats")
@@ -85,14 +86,7 @@ def _target_shape():
 def _machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import triton
 

@@ -131,20 +131,23 @@ def left_pad(prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def machine_info() -> dict:
-    """CPU model, core count, torch threads and library versions."""
-    cpu = platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the machine type where that is unreadable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU model, core count, torch threads and library versions."""
     import transformers
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
