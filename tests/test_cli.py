@@ -150,3 +150,30 @@ def test_label_subcommand_dispatch(monkeypatch, capsys):
 def test_stage_registration_tolerates_missing_modules(monkeypatch):
     monkeypatch.setattr(cli, "STAGE_MODULES", ("rlhf_lightning.modules.sft", "rlhf_lightning.nope"))
     assert cli.register_stage_modules() == ["rlhf_lightning.modules.sft"]
+
+
+def test_bf16_mixed_with_gradient_clipping_fits(tmp_path):
+    """Lightning refuses to clip a fused optimizer under mixed precision: the modules fall back
+    to the unfused AdamW there (fused elsewhere, e.g. 32-true as in the sft_run fixture)."""
+    prepare(tmp_path, num_train=32, num_val=16, num_prompts=4)
+    args = [a for a in _overrides(tmp_path, "bf16") if "max_steps" not in a and "val_check" not in a]
+    run = cli.run_cli(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            *args,
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.gradient_clip_val=1.0",
+        ]
+    )
+    assert run.trainer.global_step == 2
+    assert run.trainer.optimizers[0].defaults["fused"] is False
+    assert torch.isfinite(run.trainer.callback_metrics["val/loss"])
+
+
+def test_fused_adamw_under_full_precision(sft_run):
+    _, run = sft_run
+    assert run.trainer.optimizers[0].defaults["fused"] is True

@@ -75,12 +75,22 @@ def fused_supported(groups: list[dict]) -> bool:
     )
 
 
+def fused_allowed(trainer) -> bool:
+    """False under Lightning's mixed-precision plugin (`16-mixed`, `bf16-mixed`): it refuses to
+    clip the gradients of a fused optimizer (one that could unscale gradients itself)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    return not isinstance(plugin, MixedPrecision)
+
+
 def build_optimizer(
-    params: Iterable, cfg: OptimConfig, total_steps: int | None = None
+    params: Iterable, cfg: OptimConfig, total_steps: int | None = None, allow_fused: bool = True
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over `params` and its warmup + cosine `LambdaLR` (step it once per optimizer step).
 
     `total_steps` (e.g. `trainer.estimated_stepping_batches`) is used when `cfg.total_steps` is null.
+    The fused kernel is used when `allow_fused` (see `fused_allowed`) and every parameter allows it.
     """
     steps = cfg.total_steps if cfg.total_steps is not None else total_steps
     if steps is None or not math.isfinite(steps) or steps <= 0:
@@ -90,7 +100,11 @@ def build_optimizer(
         )
     groups = param_groups(params, cfg.weight_decay)
     optimizer = torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused_supported(groups)
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=allow_fused and fused_supported(groups),
     )
     schedule = LambdaLR(
         optimizer,
@@ -107,7 +121,7 @@ def build_optimizer(
 def lightning_optimizers(params: Iterable, cfg: OptimConfig, trainer) -> dict:
     """`configure_optimizers` return value: optimizer + per-step scheduler."""
     total = trainer.estimated_stepping_batches if trainer is not None else None
-    optimizer, schedule = build_optimizer(params, cfg, total)
+    optimizer, schedule = build_optimizer(params, cfg, total, fused_allowed(trainer))
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},

@@ -31,7 +31,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning.models.loading import ModelSpec, export_pretrained, load_causal_lm
-from rlhf_lightning.modules.common import OptimConfig, build_optimizer, log_text_table
+from rlhf_lightning.modules.common import (
+    OptimConfig,
+    build_optimizer,
+    fused_allowed,
+    log_text_table,
+)
 from rlhf_lightning.ppo import models as ppo_models
 from rlhf_lightning.ppo.config import (
     KL_ESTIMATORS,
@@ -221,11 +226,12 @@ class PPOModule(pl.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.value_head is not None:
             params += list(self.value_head.parameters())
-        opt, sched = build_optimizer(params, self.optim, total)
+        fused = fused_allowed(self._trainer)
+        opt, sched = build_optimizer(params, self.optim, total, fused)
         if self.critic is None:
             return [opt], [sched]
         critic_optim = replace(self.optim, lr=self.critic_cfg.lr or self.optim.lr)
-        c_opt, c_sched = build_optimizer(self.critic.parameters(), critic_optim, total)
+        c_opt, c_sched = build_optimizer(self.critic.parameters(), critic_optim, total, fused)
         return [opt, c_opt], [sched, c_sched]
 
     def ppo_optimizers(self) -> list:
