@@ -123,8 +123,9 @@ def generate(
 
     With `with_logprobs`, the raw logits `generate` computes for every step (before temperature
     and top-k/top-p) are reduced right away to log π(a_t) and entropy of softmax(z / T) with the
-    kernels, so the policy needs no second forward pass for π_old. Only one micro-batch's
-    Float[b, R, V] logits are alive at a time.
+    kernels, so the policy needs no second forward pass for π_old. `generate` holds one
+    micro-batch's Float[b, R, V] logits until it returns (bound it with `micro_batch_size`); they
+    are freed step by step while being reduced.
 
     Args:
         query_ids: Long[B, P]; query_mask: Long[B, P].
@@ -144,10 +145,8 @@ def generate(
         ids = out.sequences[:, width:]  # [b, r]
         logp = entropy = None
         if with_logprobs:
-            logits = torch.stack(out.logits, dim=1)  # [b, r, V] raw, float32
-            mask = response_mask(ids, eos_token_id).bool()  # [b, r]
-            logp, entropy, _ = token_stats(logits, ids, temperature=temperature, mask=mask)
-            del logits
+            logp, entropy = _sampled_stats(list(out.logits), ids, eos_token_id, temperature)
+        del out
         chunks.append((ids, logp, entropy))
     longest = max(c[0].shape[1] for c in chunks)
 
@@ -163,6 +162,21 @@ def generate(
     if with_logprobs:
         samples.logprobs, samples.entropy = cat(1, 0.0), cat(2, 0.0)  # [B, R] each
     return samples
+
+
+def _sampled_stats(
+    step_logits: list[torch.Tensor], ids: torch.Tensor, eos_token_id, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(a_t) and entropy Float[b, r] from generate's per-step raw logits (a list of r
+    Float[b, V], emptied as it goes so each step's logits are freed once reduced)."""
+    mask = response_mask(ids, eos_token_id).bool()  # [b, r]
+    logp = torch.zeros(ids.shape, device=ids.device)  # [b, r]
+    entropy = torch.zeros_like(logp)  # [b, r]
+    for t in range(ids.shape[1]):
+        logits = step_logits.pop(0)  # [b, V]
+        lp, ent, _ = token_stats(logits, ids[:, t], temperature=temperature, mask=mask[:, t])
+        logp[:, t], entropy[:, t] = lp, ent
+    return logp, entropy
 
 
 def response_forward(
