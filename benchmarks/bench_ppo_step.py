@@ -341,6 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Workload.from_cli(ns.iterations, ns.threads, ns.layers, ns.hidden)
     torch.set_num_threads(work.threads)
     smoke = ns.layers != 30 or ns.hidden != 576
+    if os.getloadavg()[0] > 1.0:
+        print(
+            f"warning: load average {os.getloadavg()[0]:.2f} before the run — iteration times "
+            "are load-sensitive on a 2-core machine; quote numbers from an idle machine",
+            flush=True,
+        )
     trl = json.loads(ns.trl_json.read_text()) if ns.trl_json else None
     if ns.compare_trl:
         trl = run_trl(

@@ -102,7 +102,8 @@ def markdown(rows: list[dict], meta: dict, target: dict) -> str:
         "# Kernel benchmarks",
         "",
         f"machine: {meta['machine']} · torch {meta['torch']} · triton {meta['triton']} · "
-        f"git {meta['git_sha']} · {rows[0]['timestamp'] if rows else ''}",
+        f"git {meta['git_sha']} · {rows[0]['timestamp'] if rows else ''} · "
+        f"load average before the run {meta.get('loadavg_1m', '?')}",
         "",
         "## Targets (issue #3: float32, N=2048, H=896, V=151936, forward+backward)",
         "",
