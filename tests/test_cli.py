@@ -156,7 +156,9 @@ def test_bf16_mixed_with_gradient_clipping_fits(tmp_path):
     """Lightning refuses to clip a fused optimizer under mixed precision: the modules fall back
     to the unfused AdamW there (fused elsewhere, e.g. 32-true as in the sft_run fixture)."""
     prepare(tmp_path, num_train=32, num_val=16, num_prompts=4)
-    args = [a for a in _overrides(tmp_path, "bf16") if "max_steps" not in a and "val_check" not in a]
+    args = [
+        a for a in _overrides(tmp_path, "bf16") if "max_steps" not in a and "val_check" not in a
+    ]
     run = cli.run_cli(
         [
             "fit",

@@ -28,11 +28,13 @@ class GenerationConfig:
     """Suppress EOS before this many tokens (0 = off)."""
     micro_batch_size: int | None = None
     """Rollout micro-batch (generation and log-prob/value passes); null = the whole prompt batch."""
-    sampler_logprobs: bool = True
+    sampler_logprobs: bool | None = None
     """Take π_old log-probs and entropy from the logits `generate` computes anyway (as TRL does),
     saving one policy forward per iteration; the first-minibatch ratio check then compares the
-    training forward with the sampler. Holds one micro-batch's [b, R, V] float32 logits. Ignored
-    (a policy forward runs) with `kl.estimator: full` or `critic.kind: value_head`."""
+    training forward with the sampler. null = on for a float32 policy without autocast (there the
+    two agree to ~1e-6; in 16-bit they differ by up to ~1e-2 and a policy forward is used).
+    `generate` then holds one micro-batch's [b, R, V] float32 logits. Ignored (a policy forward
+    runs) with `kl.estimator: full` or `critic.kind: value_head`."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ __all__ = [
     "score_reward_model",
     "micro_batches",
     "uses_sampler_logprobs",
+    "exact_float32",
 ]
 
 
@@ -123,14 +124,24 @@ def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
 
 
 def uses_sampler_logprobs(module) -> bool:
-    """Whether π_old comes from the sampler's logits (no policy forward in step 3): asked for by
-    `generation.sampler_logprobs` and possible unless the exact-KL estimator needs the policy's
-    logits beside the reference's, or a shared value head needs its hidden states."""
-    return (
-        module.generation_cfg.sampler_logprobs
-        and module.kl_cfg.estimator != "full"
-        and module.value_head is None
-    )
+    """Whether π_old comes from the sampler's logits (no policy forward in step 3).
+
+    `generation.sampler_logprobs` true/false decides; null (default) = only for a float32 policy
+    outside autocast, where the KV-cached sampler and the training forward agree to ~1e-6 — in
+    16-bit they differ by up to ~1e-2 per token and the ratio-at-start check would trip. Never
+    with the exact-KL estimator (it needs the policy's logits beside the reference's) or a shared
+    value head (it needs the policy's hidden states).
+    """
+    if module.kl_cfg.estimator == "full" or module.value_head is not None:
+        return False
+    choice = module.generation_cfg.sampler_logprobs
+    return exact_float32(module.policy) if choice is None else bool(choice)
+
+
+def exact_float32(model) -> bool:
+    """True when `model` computes in float32: float32 parameters and no autocast on its device."""
+    param = next(model.parameters())
+    return param.dtype == torch.float32 and not torch.is_autocast_enabled(param.device.type)
 
 
 def _logprobs_values_kl(module, rollout: Rollout) -> None:

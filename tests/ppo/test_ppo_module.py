@@ -361,3 +361,22 @@ def test_sampler_logprobs_match_a_policy_forward(
     for key in ("logprobs", "entropy", "ref_logprobs", "kl", "values"):
         assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-5), key
     assert (a.logprobs * (1 - a.response_mask)).abs().sum() == 0  # padding stays 0
+
+
+def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
+    """null = sampler log-probs for a float32 policy; a policy forward in 16-bit or autocast."""
+    from rlhf_lightning.ppo.experience import uses_sampler_logprobs
+
+    module = _module(tiny_tokenizer, tiny_config)
+    module.tokenizer = tiny_tokenizer
+    module.configure_model()
+    assert module.generation_cfg.sampler_logprobs is None
+    assert uses_sampler_logprobs(module)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_sampler_logprobs(module)
+    module.policy.to(torch.bfloat16)
+    assert not uses_sampler_logprobs(module)
+    module.generation_cfg.sampler_logprobs = True  # an explicit choice wins
+    assert uses_sampler_logprobs(module)
+    module.kl_cfg.estimator = "full"  # ... except where the policy's logits are needed
+    assert not uses_sampler_logprobs(module)
