@@ -26,6 +26,7 @@ from rlhf_lightning.ppo.rollout import (
     position_ids,
     reference_logprobs,
     response_forward,
+    trim_left_padding,
 )
 
 __all__ = [
@@ -202,10 +203,11 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
     try:
         # 1. rollout: sample responses (HF generate, KV cache, left-padded prompts)
         t0 = time.perf_counter()
+        query_ids, query_mask = trim_left_padding(batch["input_ids"], batch["attention_mask"])
         samples = generate(
             module.policy,
-            batch["input_ids"],
-            batch["attention_mask"],
+            query_ids,
+            query_mask,
             generation_config=module.hf_generation,
             eos_token_id=module.eos_ids,
             pad_token_id=module.tokenizer.pad_token_id,
@@ -214,8 +216,8 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
             temperature=module.generation_cfg.temperature,
         )
         rollout = Rollout(
-            batch["input_ids"],
-            batch["attention_mask"],
+            query_ids,
+            query_mask,
             samples.response_ids,
             samples.response_mask,
             logprobs=samples.logprobs,  # None unless π_old comes from the sampler

@@ -28,6 +28,7 @@ from rlhf_lightning.kernels import token_logprobs, token_stats
 __all__ = [
     "Rollout",
     "Samples",
+    "trim_left_padding",
     "response_mask",
     "position_ids",
     "generate",
@@ -72,12 +73,25 @@ class Rollout:
         return self.query_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> Rollout:
-        """Rows `index` (Long[b]) of every tensor field."""
+        """Rows `index` (Long[b]) of every tensor field, without the prompt columns that are
+        padding in every selected row (a micro-batch of short prompts runs narrower)."""
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
             values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        values["query_ids"], values["query_mask"] = trim_left_padding(
+            values["query_ids"], values["query_mask"]
+        )
         return Rollout(**values)
+
+
+def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns of left-padded Long[B, P] ids/mask that no row attends to (at
+    least one column is kept). Positions come from the mask (`position_ids`), so nothing else
+    changes."""
+    used = mask.bool().any(0)  # [P]
+    first = int(used.long().argmax()) if bool(used.any()) else mask.shape[1] - 1
+    return ids[:, first:], mask[:, first:]
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:

@@ -380,3 +380,31 @@ def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
     assert uses_sampler_logprobs(module)
     module.kl_cfg.estimator = "full"  # ... except where the policy's logits are needed
     assert not uses_sampler_logprobs(module)
+
+
+def test_trimmed_micro_batch_gives_the_same_statistics(tiny_tokenizer, tiny_config):
+    """A micro-batch of short prompts runs without their shared left padding: same log-probs,
+    entropy and values as the full-width rows (positions come from the attention mask)."""
+    from rlhf_lightning.ppo.rollout import Rollout, critic_values, response_forward
+
+    module = _module(tiny_tokenizer, tiny_config)
+    module.tokenizer = tiny_tokenizer
+    module.configure_model()
+    torch.manual_seed(0)
+    query = torch.randint(5, 40, (3, 10))
+    query_mask = torch.ones_like(query)
+    query_mask[0, :7] = query_mask[1, :4] = 0  # rows 0 and 1 share 4 padding columns
+    query = query.masked_fill(query_mask == 0, tiny_tokenizer.pad_token_id)
+    response = torch.randint(5, 40, (3, 5))
+    rollout = Rollout(query, query_mask, response, torch.ones_like(response))
+    full = Rollout(query[:2], query_mask[:2], response[:2], torch.ones_like(response[:2]))
+    short = rollout.select(torch.tensor([0, 1]))
+    assert short.query_ids.shape == (2, 6) and full.query_ids.shape == (2, 10)
+    with torch.no_grad():
+        a = response_forward(module.policy.eval(), full, temperature=1.0)
+        b = response_forward(module.policy, short, temperature=1.0)
+        values_a = critic_values(module.critic.eval(), full)
+        values_b = critic_values(module.critic, short)
+    for key in ("logprobs", "entropy"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert torch.allclose(values_a, values_b, atol=1e-5)

@@ -12,6 +12,7 @@ from rlhf_lightning.ppo.rollout import (
     load_callable,
     position_ids,
     response_mask,
+    trim_left_padding,
 )
 
 
@@ -81,3 +82,18 @@ def test_running_moments_match_torch():
     clone = RunningMoments()
     clone.load_state_dict(rm.state_dict())
     assert clone.std == rm.std
+
+
+def test_select_trims_shared_left_padding():
+    r = Rollout(
+        torch.tensor([[0, 0, 0, 4], [0, 0, 5, 6], [1, 2, 3, 4]]),
+        torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1]]),
+        torch.tensor([[7], [8], [9]]),
+        torch.tensor([[1], [1], [1]]),
+    )
+    short = r.select(torch.tensor([1, 0]))
+    assert short.query_ids.tolist() == [[5, 6], [0, 4]]
+    assert short.query_mask.tolist() == [[1, 1], [0, 1]]
+    assert r.select(torch.tensor([2, 0])).query_ids.shape == (2, 4)  # a full-width row
+    empty_ids, empty_mask = trim_left_padding(torch.zeros(2, 3).long(), torch.zeros(2, 3).long())
+    assert empty_ids.shape == (2, 1) and empty_mask.sum() == 0
