@@ -157,10 +157,11 @@ def generate(
             generation_config=config,
         )
         ids = out.sequences[:, width:]  # [b, r]
+        step_logits = list(out.logits) if with_logprobs else []  # r × Float[b, V]
+        del out  # the list is now the only owner of the per-step logits
         logp = entropy = None
         if with_logprobs:
-            logp, entropy = _sampled_stats(list(out.logits), ids, eos_token_id, temperature)
-        del out
+            logp, entropy = _sampled_stats(step_logits, ids, eos_token_id, temperature)
         chunks.append((ids, logp, entropy))
     longest = max(c[0].shape[1] for c in chunks)
 
