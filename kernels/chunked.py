@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .dispatch import without_autocast
+
 #: Default number of float32 elements per work buffer (rows per chunk = this // V).
 CHUNK_ELEMENTS = int(os.environ.get("RLHF_KERNEL_CHUNK_ELEMENTS", 1 << 22))
 
@@ -195,6 +197,7 @@ class ChunkedTokenStats(torch.autograd.Function):
     """autograd wrapper: ``(z [N,V], zq [N,V]|None, labels [N]|None, rows|None) → (lp, H, KL)``."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, z, zq, labels, rows, inv_t, want_ent, chunk_rows):
         lp, ent, kl, saved, flags = stats_forward(z, labels, zq, rows, inv_t, want_ent, chunk_rows)
         ctx.save_for_backward(z, zq, labels, rows, saved, flags)
@@ -203,6 +206,7 @@ class ChunkedTokenStats(torch.autograd.Function):
         return lp, ent, kl
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_lp, g_ent, g_kl):
         z, zq, labels, rows, saved, flags = ctx.saved_tensors
         need_dz, need_dzq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

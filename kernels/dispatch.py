@@ -5,10 +5,15 @@ interpreter is on: ``TRITON_INTERPRET=1`` set before ``import triton``); ``"chun
 (alias ``"torch"``) runs the chunked-torch implementation. ``"auto"`` picks triton for CUDA
 tensors when Triton imports, chunked otherwise. Precedence: the ``backend=`` argument, then
 the ``RLHF_KERNEL_BACKEND`` environment variable, then ``"auto"``.
+
+``without_autocast`` wraps the autograd functions' forward and backward: the kernels pick their
+own precision (float32 accumulation), and an enclosing ``torch.autocast`` (Lightning's
+``bf16-mixed``/``16-mixed``) would otherwise run their internal matmuls and dot products in 16-bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -52,3 +57,19 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing triton"
             )
     return name
+
+
+def without_autocast(fn):
+    """Decorator: run ``fn`` with autocast switched off on every device where it is on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not devices:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in devices:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -24,6 +24,7 @@ import os
 import torch
 
 from .chunked import rowdot
+from .dispatch import without_autocast
 
 #: Vocabulary columns per tile (a multiple of 64 keeps the matmuls efficient).
 TILE_V = int(os.environ.get("RLHF_KERNEL_TILE_V", 4096))
@@ -171,6 +172,7 @@ class LinearTokenStats(torch.autograd.Function):
     """autograd wrapper over valid rows; outputs ``(lp, H, KL)`` as ``[Nv]`` float32."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, h, w, b, hq, wq, bq, lab, inv_t, chunk, tile):
         nv = h.shape[0]
         states = [
@@ -194,6 +196,7 @@ class LinearTokenStats(torch.autograd.Function):
         return state[0].clone(), state[1].clone(), state[2].clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_lp, g_ent, g_kl):
         h, w, b, hq, wq, bq, lab, state = ctx.saved_tensors
         nh, nw, nb = ctx.needs_input_grad[:3]

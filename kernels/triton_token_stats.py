@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreter_on
+from .dispatch import interpreter_on, without_autocast
 
 #: Vocabulary tile override (tests set it to exercise several tiles); None = heuristic.
 BLOCK_V_OVERRIDE: int | None = None
@@ -284,6 +284,7 @@ class TritonTokenStats(torch.autograd.Function):
     """autograd wrapper: ``(z [N,V], zq [N,V]|None, labels [N]|None, rows [Nv]) → (lp, H, KL)``."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, z, zq, labels, rows, inv_t):
         lp, ent, kl, saved = _fwd(z, labels, zq, rows, inv_t)
         ctx.save_for_backward(z, zq, labels, rows, saved)
@@ -292,6 +293,7 @@ class TritonTokenStats(torch.autograd.Function):
         return lp, ent, kl
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_lp, g_ent, g_kl):
         z, zq, labels, rows, saved = ctx.saved_tensors
         need_dz, need_dzq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -76,12 +76,14 @@ def fused_supported(groups: list[dict]) -> bool:
 
 
 def fused_allowed(trainer) -> bool:
-    """False under Lightning's mixed-precision plugin (`16-mixed`, `bf16-mixed`): it refuses to
-    clip the gradients of a fused optimizer (one that could unscale gradients itself)."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
+    """Whether the trainer's precision plugin is one where fused AdamW is known to be safe: plain
+    `32-true`, `16-true`/`bf16-true` or `64-true`. Lightning's mixed-precision plugin refuses to
+    clip the gradients of a fused optimizer, and with FSDP's sharded gradient scaler a fused step
+    would skip the cross-rank overflow check; other plugins keep the per-tensor AdamW."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, Precision
 
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
-    return not isinstance(plugin, MixedPrecision)
+    return plugin is None or type(plugin) in (Precision, HalfPrecision, DoublePrecision)
 
 
 def build_optimizer(

@@ -318,6 +318,16 @@ class PPOModule(pl.LightningModule):
         if m.histogram_every and self.iteration % m.histogram_every == 0:
             log_histograms(self.loggers, rollout, self.iteration)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradient norm (`update.max_grad_norm`) right before each optimizer step: under
+        `16-mixed` Lightning unscales the gradients just before this hook, so clipping in the
+        training loop instead would act on scaled gradients."""
+        max_norm = self.update_cfg.max_grad_norm
+        if max_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+            )
+
     def on_fit_start(self) -> None:
         """Silence ModelCheckpoint's manual-optimisation notice: the post-step state is intended."""
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")

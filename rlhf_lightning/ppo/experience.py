@@ -141,9 +141,15 @@ def uses_sampler_logprobs(module) -> bool:
 
 
 def exact_float32(model) -> bool:
-    """True when `model` computes in float32: float32 parameters and no autocast on its device."""
-    param = next(model.parameters())
-    return param.dtype == torch.float32 and not torch.is_autocast_enabled(param.device.type)
+    """True when `model` computes in float32: every parameter float32, no autocast on its device,
+    and full-precision float32 matmuls (`torch.set_float32_matmul_precision("highest")`; TF32 or
+    bf16 internal matmuls make the sampler and the trainer disagree like 16-bit does)."""
+    params = list(model.parameters())
+    return (
+        all(p.dtype == torch.float32 for p in params)
+        and not torch.is_autocast_enabled(params[0].device.type)
+        and torch.get_float32_matmul_precision() == "highest"
+    )
 
 
 def _logprobs_values_kl(module, rollout: Rollout) -> None:

@@ -3,7 +3,8 @@
 Per minibatch: every micro-batch's losses are divided by the minibatch's valid-token count (so the
 accumulated gradient is the minibatch token-mean whatever the micro-batch size), backpropagated
 with `manual_backward`; optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; then
-gradients are clipped (`clip_gradients`), the optimizers and schedulers step. Before the very first
+the optimizers and schedulers step (gradients are clipped with `clip_gradients` in the module's
+`on_before_optimizer_step` hook, which Lightning runs after unscaling 16-mixed gradients). Before the very first
 optimizer step the policy must reproduce the rollout's log-probs (ratio π/π_old = 1).
 
 References: Schulman et al. 2017 (PPO); Ouyang et al. 2022 (PPO-ptx); Huang et al. 2024,
@@ -97,11 +98,9 @@ def _ptx_backward(module, stats: PPOStats) -> None:
 
 
 def _step_optimizers(module) -> None:
-    """Clip gradients, step every optimizer and its scheduler, zero the gradients."""
-    max_norm = module.update_cfg.max_grad_norm
+    """Step every optimizer (gradients are clipped in `PPOModule.on_before_optimizer_step`, i.e.
+    after a 16-mixed loss scaler has unscaled them) and its scheduler; zero the gradients."""
     for opt, sched in zip(module.ppo_optimizers(), module.ppo_schedulers()):
-        if max_norm is not None:
-            module.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sched is not None:

@@ -220,3 +220,29 @@ def test_public_api_documented():
     for name in K.__all__:
         fn = getattr(K, name)
         assert callable(fn) and fn.__doc__ and len(fn.__doc__) > 80, name
+
+
+def test_enclosing_autocast_does_not_change_results(backend):
+    """Lightning's bf16-mixed runs losses under torch.autocast: the kernels switch it off inside
+    (forward and backward), so values, dtypes and gradients equal the autocast-free ones."""
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(5, 7, 131, generator=g) * 3).requires_grad_(True)  # [B, T, V]
+    zq = torch.randn(5, 7, 131, generator=g) * 3
+    labels = torch.randint(0, 131, (5, 7), generator=g)
+    h = torch.randn(6, 16, generator=g, requires_grad=True)  # [N, H]
+    w = torch.randn(131, 16, generator=g, requires_grad=True)  # [V, H]
+    labels_h = torch.randint(0, 131, (6,), generator=g)  # [N]
+
+    def run():
+        stats = K.token_stats(z, labels, zq, temperature=0.8, backend=backend)
+        fused = linear_token_stats(h, w, labels_h, ref_hidden=h.detach() * 0.9)
+        outs = [*stats, *fused]
+        grads = torch.autograd.grad(_grads(outs), [z, h, w])
+        return [o.detach() for o in outs], grads
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+    for a, b in zip(plain[0] + list(plain[1]), mixed[0] + list(mixed[1])):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.equal(a, b)

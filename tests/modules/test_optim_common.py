@@ -104,3 +104,33 @@ def test_fused_adamw_matches_the_reference_update():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     assert (model[0].weight - start).abs().max() > 1e-3  # the steps did move the weights
+
+
+def test_fused_allowed_only_for_plain_precision_plugins():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import (
+        DoublePrecision,
+        FSDPPrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+
+    from rlhf_lightning.modules.common import fused_allowed
+
+    def trainer(plugin):
+        return SimpleNamespace(precision_plugin=plugin)
+
+    assert fused_allowed(None)  # no trainer (scripts, tests)
+    for ok in (
+        Precision(),
+        HalfPrecision("bf16-true"),
+        HalfPrecision("16-true"),
+        DoublePrecision(),
+    ):
+        assert fused_allowed(trainer(ok)), ok
+    # mixed precision refuses to clip fused optimizers; FSDP's sharded scaler would skip its
+    # cross-rank overflow check
+    for bad in (MixedPrecision("bf16-mixed", "cpu"), FSDPPrecision("32-true")):
+        assert not fused_allowed(trainer(bad)), bad

@@ -323,12 +323,21 @@ def test_update_is_invariant_to_micro_batch_size(tmp_path, tiny_tokenizer, tiny_
             assert torch.allclose(p, q, atol=1e-5)
 
 
+def _favour_eos(module, tokenizer, boost=2.0):
+    """Add `boost` to the EOS logit of the policy's LM head (sampler and forward alike), so that
+    responses end early at different lengths."""
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.eos_token_id] = boost
+    module.policy.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+
+
 @pytest.mark.parametrize("estimator", ["k1", "full"])
 def test_sampler_logprobs_match_a_policy_forward(
     tiny_tokenizer, tiny_config, estimator, monkeypatch
 ):
-    """π_old from generate's logits == π_old from a second policy forward (same samples); the
-    policy forward of step 3 is skipped unless the exact-KL estimator needs the policy logits."""
+    """π_old from generate's logits == π_old from a second policy forward (same samples), with
+    responses ending early at different lengths in generation micro-batches; the policy forward of
+    step 3 is skipped unless the exact-KL estimator needs the policy logits."""
     import rlhf_lightning.ppo.experience as experience
 
     calls = []
@@ -352,15 +361,21 @@ def test_sampler_logprobs_match_a_policy_forward(
         )
         module.tokenizer = tiny_tokenizer
         module.configure_model()
+        _favour_eos(module, tiny_tokenizer)
         calls.clear()
         torch.manual_seed(1)
         rollouts[sampled], _ = experience.collect_experience(module, batch)
         assert len(calls) == (0 if sampled and estimator != "full" else 3)  # 3 micro-batches
     a, b = rollouts[True], rollouts[False]
-    assert torch.equal(a.response_ids, b.response_ids) and a.response_mask.sum() > 8
+    assert torch.equal(a.response_ids, b.response_ids)
+    lengths = a.response_mask.sum(1)  # [8]
+    chunk_widths = {int(lengths[i : i + 3].max()) for i in (0, 3, 6)}
+    assert len(set(lengths.tolist())) >= 3 and len(chunk_widths) >= 2, lengths
     for key in ("logprobs", "entropy", "ref_logprobs", "kl", "values"):
         assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-5), key
-    assert (a.logprobs * (1 - a.response_mask)).abs().sum() == 0  # padding stays 0
+    padding = a.response_mask == 0
+    assert padding.any() and a.logprobs[padding].abs().sum() == 0  # padding stays 0
+    assert (a.logprobs[~padding] < 0).all()
 
 
 def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
@@ -374,6 +389,15 @@ def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
     assert uses_sampler_logprobs(module)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not uses_sampler_logprobs(module)
+    before = torch.get_float32_matmul_precision()
+    try:  # TF32 / bf16-internal float32 matmuls break the sampler/trainer agreement too
+        torch.set_float32_matmul_precision("high")
+        assert not uses_sampler_logprobs(module)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert uses_sampler_logprobs(module)
+    module.policy.model.layers[0].to(torch.bfloat16)  # one 16-bit layer is enough
+    assert not uses_sampler_logprobs(module)
     module.policy.to(torch.bfloat16)
     assert not uses_sampler_logprobs(module)
     module.generation_cfg.sampler_logprobs = True  # an explicit choice wins
@@ -408,3 +432,32 @@ def test_trimmed_micro_batch_gives_the_same_statistics(tiny_tokenizer, tiny_conf
     for key in ("logprobs", "entropy"):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert torch.allclose(values_a, values_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_clips_unscaled_gradients(tmp_path, tiny_tokenizer, tiny_config, precision):
+    """PPO trains under Lightning's mixed precision. Clipping happens in on_before_optimizer_step,
+    after the 16-mixed loss scaler has unscaled the gradients (clipping in the loop would see
+    gradients ×2**16); the optimizers are not fused there."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    norms = []
+    module = _module(tiny_tokenizer, tiny_config, update=UpdateConfig(ppo_epochs=1))
+    real = module.clip_gradients
+
+    def spy(optimizer, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real(optimizer, **kwargs)
+
+    module.clip_gradients = spy
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if precision == "16-mixed" else None
+    plugin = MixedPrecision(
+        precision, "cpu", scaler=scaler
+    )  # Lightning maps 16-mixed to bf16 on CPU
+    trainer = _trainer(tmp_path, limit_train_batches=2, plugins=[plugin])
+    trainer.fit(module, datamodule=_datamodule(tiny_tokenizer))
+    assert len(norms) == 2 * 2  # 2 iterations × (policy + critic optimizer)
+    assert all(0 < n < 1e3 for n in norms), norms  # scaled gradients would be ~6.5e4× larger
+    assert not any(opt.defaults["fused"] for opt in trainer.optimizers)
+    assert all(math.isfinite(h["ppo/loss/total"]) for h in module.history)
