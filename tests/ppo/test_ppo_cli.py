@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from rlhf_lightning.cli import main
@@ -42,14 +41,6 @@ data:
   prompts: {{path: "{root}/prompts.jsonl", val_fraction: 0.0}}
   batch_size: 8
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cli_fit_and_resume(tmp_path, tiny_tokenizer):

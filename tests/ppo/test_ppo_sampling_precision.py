@@ -1,0 +1,199 @@
+"""PPO rollout paths and precision: π_old from the sampler vs a policy forward, trimmed prompt
+padding, and training under Lightning's mixed-precision plugins."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from rlhf_lightning.data.datamodule import RLHFDataModule
+from rlhf_lightning.data.sources import DataSource
+from rlhf_lightning.models.loading import ModelSpec
+from rlhf_lightning.modules.common import OptimConfig
+from rlhf_lightning.modules.ppo import PPOModule
+from rlhf_lightning.ppo.config import (
+    GenerationConfig,
+    KLConfig,
+    MonitorConfig,
+    RewardConfig,
+    UpdateConfig,
+)
+
+PROMPTS = [{"prompt": f"the movie was {w}"} for w in "great boring long short fine odd".split()] * 8
+
+
+def _datamodule(tokenizer, batch_size=16):
+    source = DataSource(records=PROMPTS, val_fraction=0)
+    return RLHFDataModule(tokenizer=tokenizer, prompts=source, batch_size=batch_size, seed=3)
+
+
+def _module(tokenizer, config, **kw):
+    """A tiny-Llama PPOModule rewarded for the word "good"."""
+    args = {
+        "policy": ModelSpec(config=config(len(tokenizer))),
+        "reward": RewardConfig(
+            function="rlhf_lightning.ppo.toy:word_frequency",
+            function_kwargs={"word": "good"},
+            normalize="none",
+        ),
+        "generation": GenerationConfig(max_new_tokens=8),
+        "kl": KLConfig(coef=0.01),
+        "update": UpdateConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=4),
+        "optim": OptimConfig(lr=3e-3, min_lr_ratio=1.0),
+        "monitor": MonitorConfig(sample_every=0, histogram_every=0),
+    }
+    args.update(kw)
+    return PPOModule(**args)
+
+
+def _favour_eos(module, tokenizer, boost=2.0):
+    """Add `boost` to the EOS logit of the policy's LM head (sampler and forward alike), so that
+    responses end early at different lengths."""
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.eos_token_id] = boost
+    module.policy.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "full"])
+def test_sampler_logprobs_match_a_policy_forward(
+    tiny_tokenizer, tiny_config, estimator, monkeypatch
+):
+    """π_old from generate's logits == π_old from a second policy forward (same samples), with
+    responses ending early at different lengths in generation micro-batches; the policy forward of
+    step 3 is skipped unless the exact-KL estimator needs the policy logits."""
+    import rlhf_lightning.ppo.experience as experience
+
+    calls = []
+    real = experience.response_forward
+    monkeypatch.setattr(
+        experience, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    dm = _datamodule(tiny_tokenizer, batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("prompt", "train")))
+    rollouts = {}
+    for sampled in (True, False):
+        torch.manual_seed(0)
+        module = _module(
+            tiny_tokenizer,
+            tiny_config,
+            generation=GenerationConfig(
+                max_new_tokens=8, temperature=0.7, sampler_logprobs=sampled, micro_batch_size=3
+            ),
+            kl=KLConfig(coef=0.01, estimator=estimator),
+        )
+        module.tokenizer = tiny_tokenizer
+        module.configure_model()
+        _favour_eos(module, tiny_tokenizer)
+        calls.clear()
+        torch.manual_seed(1)
+        rollouts[sampled], _ = experience.collect_experience(module, batch)
+        assert len(calls) == (0 if sampled and estimator != "full" else 3)  # 3 micro-batches
+    a, b = rollouts[True], rollouts[False]
+    assert torch.equal(a.response_ids, b.response_ids)
+    lengths = a.response_mask.sum(1)  # [8]
+    chunk_widths = {int(lengths[i : i + 3].max()) for i in (0, 3, 6)}
+    assert len(set(lengths.tolist())) >= 3 and len(chunk_widths) >= 2, lengths
+    for key in ("logprobs", "entropy", "ref_logprobs", "kl", "values"):
+        assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-5), key
+    padding = a.response_mask == 0
+    assert padding.any() and a.logprobs[padding].abs().sum() == 0  # padding stays 0
+    assert (a.logprobs[~padding] < 0).all()
+
+
+def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
+    """null = sampler log-probs for a float32 policy; a policy forward in 16-bit or autocast."""
+    from rlhf_lightning.ppo.experience import uses_sampler_logprobs
+
+    module = _module(tiny_tokenizer, tiny_config)
+    module.tokenizer = tiny_tokenizer
+    module.configure_model()
+    assert module.generation_cfg.sampler_logprobs is None
+    assert uses_sampler_logprobs(module)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_sampler_logprobs(module)
+    before = torch.get_float32_matmul_precision()
+    try:  # TF32 / bf16-internal float32 matmuls break the sampler/trainer agreement too
+        torch.set_float32_matmul_precision("high")
+        assert not uses_sampler_logprobs(module)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert uses_sampler_logprobs(module)
+    module.policy.model.layers[0].to(torch.bfloat16)  # one 16-bit layer is enough
+    assert not uses_sampler_logprobs(module)
+    module.policy.to(torch.bfloat16)
+    assert not uses_sampler_logprobs(module)
+    module.generation_cfg.sampler_logprobs = True  # an explicit choice wins
+    assert uses_sampler_logprobs(module)
+    module.kl_cfg.estimator = "full"  # ... except where the policy's logits are needed
+    assert not uses_sampler_logprobs(module)
+
+
+def test_trimmed_micro_batch_gives_the_same_statistics(tiny_tokenizer, tiny_config):
+    """A micro-batch of short prompts runs without their shared left padding: same log-probs,
+    entropy and values as the full-width rows (positions come from the attention mask)."""
+    from rlhf_lightning.ppo.rollout import Rollout, critic_values, response_forward
+
+    module = _module(tiny_tokenizer, tiny_config)
+    module.tokenizer = tiny_tokenizer
+    module.configure_model()
+    torch.manual_seed(0)
+    query = torch.randint(5, 40, (3, 10))
+    query_mask = torch.ones_like(query)
+    query_mask[0, :7] = query_mask[1, :4] = 0  # rows 0 and 1 share 4 padding columns
+    query = query.masked_fill(query_mask == 0, tiny_tokenizer.pad_token_id)
+    response = torch.randint(5, 40, (3, 5))
+    rollout = Rollout(query, query_mask, response, torch.ones_like(response))
+    full = Rollout(query[:2], query_mask[:2], response[:2], torch.ones_like(response[:2]))
+    short = rollout.select(torch.tensor([0, 1]))
+    assert short.query_ids.shape == (2, 6) and full.query_ids.shape == (2, 10)
+    with torch.no_grad():
+        a = response_forward(module.policy.eval(), full, temperature=1.0)
+        b = response_forward(module.policy, short, temperature=1.0)
+        values_a = critic_values(module.critic.eval(), full)
+        values_b = critic_values(module.critic, short)
+    for key in ("logprobs", "entropy"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert torch.allclose(values_a, values_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_clips_unscaled_gradients(tmp_path, tiny_tokenizer, tiny_config, precision):
+    """PPO trains under Lightning's mixed precision. Clipping happens in on_before_optimizer_step,
+    after the 16-mixed loss scaler has unscaled the gradients (clipping in the loop would see
+    gradients ×2**16); the optimizers are not fused there."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    norms = []
+    module = _module(tiny_tokenizer, tiny_config, update=UpdateConfig(ppo_epochs=1))
+    real = module.clip_gradients
+
+    def spy(optimizer, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real(optimizer, **kwargs)
+
+    module.clip_gradients = spy
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if precision == "16-mixed" else None
+    plugin = MixedPrecision(
+        precision, "cpu", scaler=scaler
+    )  # Lightning maps 16-mixed to bf16 on CPU
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        plugins=[plugin],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=_datamodule(tiny_tokenizer))
+    assert len(norms) == 2 * 2  # 2 iterations × (policy + critic optimizer)
+    assert all(0 < n < 1e3 for n in norms), norms  # scaled gradients would be ~6.5e4× larger
+    assert not any(opt.defaults["fused"] for opt in trainer.optimizers)
+    assert all(math.isfinite(h["ppo/loss/total"]) for h in module.history)
