@@ -102,7 +102,9 @@ def build_datamodule(ns, model_dir: Path, train: Path, val: Path):
 
     dm = RLHFDataModule(
         tokenizer=str(model_dir),
-        preferences=DataSource(path=str(train), val_path=str(val)),
+        # HH has a few empty responses: skipped and warned about (a short training split still
+        # stops below, so both trainers always see exactly steps × batch pairs)
+        preferences=DataSource(path=str(train), val_path=str(val), on_invalid="skip"),
         max_length=ns.max_length,
         batch_size=ns.batch_size,
         seed=ns.seed,
