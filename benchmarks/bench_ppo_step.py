@@ -45,9 +45,11 @@ from benchmarks.trl_ppo_baseline import (
     build_prompts,
     build_tokenizer,
     left_pad,
+    llama_config,
     machine_info,
     model_config,
     summarise,
+    warn_if_loaded,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,14 +79,12 @@ def _prompt_batches(work: Workload, tokenizer, n_batches: int) -> list[dict]:
 
 def _reward_export(work: Workload, tokenizer, out_dir: Path) -> Path:
     """A random-init sequence classifier of the workload shape, exported like the RM stage does."""
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    from transformers import AutoModelForSequenceClassification
 
     from rlhf_lightning.modules.reward_export import export_reward_model
 
-    cfg = model_config(work)
-    cfg.pop("model_type")
     torch.manual_seed(work.seed + 1)
-    rm = AutoModelForSequenceClassification.from_config(LlamaConfig(**cfg, num_labels=1))
+    rm = AutoModelForSequenceClassification.from_config(llama_config(work, num_labels=1))
     export_reward_model(rm, tokenizer, out_dir)
     return out_dir
 
@@ -341,12 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Workload.from_cli(ns.iterations, ns.threads, ns.layers, ns.hidden)
     torch.set_num_threads(work.threads)
     smoke = ns.layers != 30 or ns.hidden != 576
-    if os.getloadavg()[0] > 1.0:
-        print(
-            f"warning: load average {os.getloadavg()[0]:.2f} before the run — iteration times "
-            "are load-sensitive on a 2-core machine; quote numbers from an idle machine",
-            flush=True,
-        )
+    warn_if_loaded("iteration times")
     trl = json.loads(ns.trl_json.read_text()) if ns.trl_json else None
     if ns.compare_trl:
         trl = run_trl(

@@ -30,16 +30,14 @@ from benchmarks.trl_ppo_baseline import (
     Workload,
     build_prompts,
     left_pad,
-    model_config,
+    llama_config,
 )
 
 
 def _models(work: Workload):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers import LlamaForCausalLM, LlamaModel
 
-    cfg = model_config(work)
-    cfg.pop("model_type")
-    config = LlamaConfig(**cfg)
+    config = llama_config(work)
     torch.manual_seed(work.seed)
     return LlamaForCausalLM(config).eval(), LlamaModel(config).eval()
 

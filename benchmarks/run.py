@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .trl_ppo_baseline import cpu_model
+from .trl_ppo_baseline import cpu_model, warn_if_loaded
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = ("token_stats", "linear_token_stats")
@@ -143,13 +143,7 @@ def main(argv=None) -> int:
     if args.only:
         cases = [c for c in cases if args.only in report.case_key(c)]
     meta = _machine()
-    meta["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    if meta["loadavg_1m"] > 1.0:
-        print(
-            f"warning: load average {meta['loadavg_1m']} before the run — timings and ratios are "
-            "load-sensitive on a 2-core machine; run on an idle machine for numbers to quote",
-            flush=True,
-        )
+    meta["loadavg_1m"] = round(warn_if_loaded("timings and ratios"), 2)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = []
     t_start = time.perf_counter()

@@ -92,6 +92,15 @@ def model_config(work: Workload) -> dict:
     }
 
 
+def llama_config(work: Workload, **extra):
+    """The workload's `transformers.LlamaConfig` (`extra`, e.g. num_labels=1, passed through)."""
+    from transformers import LlamaConfig
+
+    cfg = model_config(work)
+    cfg.pop("model_type")
+    return LlamaConfig(**cfg, **extra)
+
+
 def build_tokenizer():
     """Word-level fast tokenizer with exactly `VOCAB` entries; left padding."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -140,6 +149,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def warn_if_loaded(what: str) -> float:
+    """The 1-minute load average; prints a warning first when it is above 1 (2-core machine)."""
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        print(
+            f"warning: load average {load:.2f} before the run — {what} are load-sensitive on a "
+            "2-core machine; quote numbers from an idle machine",
+            flush=True,
+        )
+    return load
 
 
 def machine_info() -> dict:
@@ -215,23 +236,20 @@ def run_trl(work: Workload) -> dict:
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
-        LlamaConfig,
         TrainerCallback,
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
     tok = build_tokenizer()
-    cfg = model_config(work)
-    cfg.pop("model_type")
     torch.manual_seed(work.seed)
     models = {}
     for name in ("policy", "ref", "value", "reward"):
         if name in ("policy", "ref"):
-            models[name] = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
+            models[name] = AutoModelForCausalLM.from_config(llama_config(work))
         else:
             models[name] = AutoModelForSequenceClassification.from_config(
-                LlamaConfig(**cfg, num_labels=1)
+                llama_config(work, num_labels=1)
             )
     models["ref"].load_state_dict(models["policy"].state_dict())
     prompts = build_prompts(work, work.batch_size * work.iterations)
