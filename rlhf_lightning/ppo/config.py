@@ -31,11 +31,11 @@ class GenerationConfig:
     sampler_logprobs: bool | None = None
     """Take π_old log-probs and entropy from the logits `generate` computes anyway (as TRL does),
     saving one policy forward per iteration; the first-minibatch ratio check then compares the
-    training forward with the sampler. null = on for a float32 policy without autocast (there the
-    ratio of the two is 1 ± 1e-6; in bfloat16 it was 1 ± 1e-3 on average and up to 8e-3 per token
-    on a 4-layer model, so a policy forward is used).
-    `generate` then holds one micro-batch's [b, R, V] float32 logits. Ignored (a policy forward
-    runs) with `kl.estimator: full` or `critic.kind: value_head`."""
+    training forward with the sampler. null = on only when the policy computes in exact float32
+    (float32 parameters, no autocast, `float32_matmul_precision` "highest"): there the ratio of the
+    two is 1 ± 1e-6; in bfloat16 it was 1 ± 1e-3 on average and up to 8e-3 per token on a 4-layer
+    model, so a policy forward is used. `generate` then holds one micro-batch's [b, R, V] float32
+    logits. Ignored (a policy forward runs) with `kl.estimator: full` or `critic.kind: value_head`."""
 
 
 @dataclass

@@ -127,12 +127,11 @@ def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
 def uses_sampler_logprobs(module) -> bool:
     """Whether π_old comes from the sampler's logits (no policy forward in step 3).
 
-    `generation.sampler_logprobs` true/false decides; null (default) = only for a float32 policy
-    outside autocast, where the KV-cached sampler and the training forward agree to ~1e-6 — in
-    bfloat16 their ratio is off by ~1e-3 on average (8e-3 at worst on a 4-layer model), a bias
-    PPO would train on. Never
-    with the exact-KL estimator (it needs the policy's logits beside the reference's) or a shared
-    value head (it needs the policy's hidden states).
+    `generation.sampler_logprobs` true/false decides; null (default) = only when the policy
+    computes in exact float32 (`exact_float32`), where the KV-cached sampler and the training
+    forward agree to ~1e-6 — in bfloat16 their ratio is off by ~1e-3 on average (8e-3 at worst on
+    a 4-layer model), a bias PPO would train on. Never with the exact-KL estimator (it needs the
+    policy's logits beside the reference's) or a shared value head (it needs its hidden states).
     """
     if module.kl_cfg.estimator == "full" or module.value_head is not None:
         return False

@@ -4,8 +4,9 @@ Per minibatch: every micro-batch's losses are divided by the minibatch's valid-t
 accumulated gradient is the minibatch token-mean whatever the micro-batch size), backpropagated
 with `manual_backward`; optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; then
 the optimizers and schedulers step (gradients are clipped with `clip_gradients` in the module's
-`on_before_optimizer_step` hook, which Lightning runs after unscaling 16-mixed gradients). Before the very first
-optimizer step the policy must reproduce the rollout's log-probs (ratio π/π_old = 1).
+`on_before_optimizer_step` hook, which Lightning runs after unscaling 16-mixed gradients).
+Before the very first optimizer step the policy must reproduce the rollout's log-probs
+(ratio π/π_old = 1).
 
 References: Schulman et al. 2017 (PPO); Ouyang et al. 2022 (PPO-ptx); Huang et al. 2024,
 "The N+ Implementation Details of RLHF with PPO" (ratio-at-start check, approx-KL early stop).
