@@ -25,11 +25,17 @@ so one pass recomputes log p (from the saved m, log s) and writes
 Bytes per row: forward reads z (and z_q) once; backward reads z (and z_q) once and writes
 dz (and dz_q) once — the minimum for these outputs.
 
+Compiled variants: input dtype × the HAS_* / REF_GRAD flags × ALIGNED × (BLOCK_V, num_warps),
+and nothing else (``_jit_closed``); ``python -m rlhf_lightning.kernels.aot`` compiles all of them
+for sm_80 / sm_90 without a GPU (docs/kernels.md, "Compiled for sm_80 / sm_90").
+
 References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018);
 Triton tutorial "Fused Softmax" for the per-row program layout.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -38,31 +44,69 @@ import triton.language as tl
 from .dispatch import interpreter_on, without_autocast
 
 #: Vocabulary tile override (tests set it to exercise several tiles); None = heuristic.
+#: Test-only: on a GPU it leaves the closed set of compiled variants (docs/kernels.md).
 BLOCK_V_OVERRIDE: int | None = None
-_GPU_BLOCK_V = 4096
+#: GPU vocabulary tiles: the first tile ≥ V, else the last one (looped over the row).
+GPU_BLOCKS_V = (1024, 4096)
 _INTERPRETER_MAX_BLOCK_V = 8192
+#: V and row strides that are multiples of this (elements) and tile addresses aligned to it
+#: (bytes) select the ``ALIGNED`` variant (16-byte vector loads / stores): the JIT's own rule.
+ALIGNMENT = 16
 F32 = torch.float32
 
 
+def _jit_closed(fn):
+    """``triton.jit`` that specialises on dtypes and constexprs only, never on runtime values.
+
+    By default the JIT compiles separate variants for ints equal to 1 or divisible by 16 and
+    for 16-byte-aligned pointers; here every runtime argument opts out, so the variants a
+    launcher can produce are exactly its dtypes × constexprs × launch options, and
+    ``python -m rlhf_lightning.kernels.aot`` compiles all of them. Alignment comes back as the
+    explicit ``ALIGNED`` constexpr.
+    """
+    params = inspect.signature(fn).parameters
+    runtime = [name for name, p in params.items() if "constexpr" not in str(p.annotation)]
+    return triton.jit(fn, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
+
+
 @triton.jit
+def _vocab_hint(V, ALIGNED: tl.constexpr):
+    """``V`` unchanged; with ALIGNED (V % 16 == 0) the compiler also sees it is a multiple of 16."""
+    if ALIGNED:
+        V = (V // 16) * 16
+    return V
+
+
+@triton.jit
+def _tile_ptrs(row_ptr, offs, ALIGNED: tl.constexpr):
+    """``row_ptr + offs``; with ALIGNED each tile's first address is 16-byte aligned."""
+    ptrs = row_ptr + offs
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, 16)
+    return ptrs
+
+
+@_jit_closed
 def _token_stats_fwd_kernel(
     z_ptr,
-    z_stride,
+    z_stride: tl.int64,
     zq_ptr,
-    zq_stride,
+    zq_stride: tl.int64,
     labels_ptr,
     rows_ptr,
     lp_ptr,
     ent_ptr,
     kl_ptr,
     saved_ptr,
-    nv,
-    V,
+    nv: tl.int64,
+    V: tl.int32,
     inv_t,
     HAS_LABELS: tl.constexpr,
     HAS_REF: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    V = _vocab_hint(V, ALIGNED)
     pid = tl.program_id(0)
     row = tl.load(rows_ptr + pid).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -77,7 +121,7 @@ def _token_stats_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + base
         inb = offs < V
-        z = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        z = tl.load(_tile_ptrs(z_row, offs, ALIGNED), mask=inb, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         delta = (m - m_ref) * inv_t
@@ -90,7 +134,8 @@ def _token_stats_fwd_kernel(
             tl.where(e > 0, e * a, 0.0), axis=0
         )
         if HAS_REF:
-            zq = tl.load(zq_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            zq = tl.load(_tile_ptrs(zq_row, offs, ALIGNED), mask=inb, other=float("-inf"))
+            zq = zq.to(tl.float32)
             mq_new = tl.maximum(mq, tl.max(zq, axis=0))
             mq_ref = tl.where(mq_new == float("-inf"), 0.0, mq_new)
             delta_q = (mq - mq_ref) * inv_t
@@ -120,12 +165,12 @@ def _token_stats_fwd_kernel(
         tl.store(saved_ptr + 5 * nv + pid, kl)
 
 
-@triton.jit
+@_jit_closed
 def _token_stats_bwd_kernel(
     z_ptr,
-    z_stride,
+    z_stride: tl.int64,
     zq_ptr,
-    zq_stride,
+    zq_stride: tl.int64,
     dz_ptr,
     dzq_ptr,
     labels_ptr,
@@ -134,15 +179,17 @@ def _token_stats_bwd_kernel(
     glp_ptr,
     gh_ptr,
     gk_ptr,
-    nv,
-    V,
+    nv: tl.int64,
+    V: tl.int32,
     inv_t,
     HAS_LABELS: tl.constexpr,
     HAS_ENT: tl.constexpr,
     HAS_REF: tl.constexpr,
     REF_GRAD: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    V = _vocab_hint(V, ALIGNED)
     pid = tl.program_id(0)
     row = tl.load(rows_ptr + pid).to(tl.int64)
     m = tl.load(saved_ptr + pid)
@@ -176,33 +223,58 @@ def _token_stats_bwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + base
         inb = offs < V
-        z = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        z = tl.load(_tile_ptrs(z_row, offs, ALIGNED), mask=inb, other=float("-inf")).to(tl.float32)
         logp = (z - m) * inv_t - logs
         p = tl.exp(logp)
         w = alpha + beta * logp
         logq = logp
         if HAS_REF:
-            zq = tl.load(zq_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            zq = tl.load(_tile_ptrs(zq_row, offs, ALIGNED), mask=inb, other=float("-inf"))
+            zq = zq.to(tl.float32)
             logq = (zq - mq) * inv_t - logsq
             w += gamma * logq
         dz = tl.where(p > 0, p * w, 0.0) + tl.where(offs == lab, glp * inv_t, 0.0)
-        tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=inb)
+        tl.store(_tile_ptrs(dz_row, offs, ALIGNED), dz.to(dz_ptr.dtype.element_ty), mask=inb)
         if REF_GRAD:
             dzq = (gk * inv_t) * (tl.exp(logq) - p)
-            tl.store(dzq_row + offs, dzq.to(dzq_ptr.dtype.element_ty), mask=inb)
+            dzq_ptrs = _tile_ptrs(dzq_row, offs, ALIGNED)
+            tl.store(dzq_ptrs, dzq.to(dzq_ptr.dtype.element_ty), mask=inb)
 
 
 def _block_v(vocab: int) -> int:
+    """Vocabulary tile: ``GPU_BLOCKS_V`` on a GPU, the next power of two under the interpreter."""
     if BLOCK_V_OVERRIDE is not None:
         return BLOCK_V_OVERRIDE
-    cap = _INTERPRETER_MAX_BLOCK_V if interpreter_on() else _GPU_BLOCK_V
-    return min(triton.next_power_of_2(vocab), cap)
+    if interpreter_on():
+        return min(triton.next_power_of_2(vocab), _INTERPRETER_MAX_BLOCK_V)
+    return next((b for b in GPU_BLOCKS_V if vocab <= b), GPU_BLOCKS_V[-1])
 
 
-def _launch_opts(block: int) -> dict:
+def _launch_opts(block: int, dtype: torch.dtype) -> dict:
+    """``num_warps``: 8 for tiles of ≥ 2048 columns, else 4; twice that for 8-byte dtypes.
+
+    So a thread holds at most 16 elements and 64 bytes of each input tile (float64 at 4096
+    with 8 warps spills on sm_90).
+    """
     if interpreter_on():
         return {}
-    return {"num_warps": 8 if block >= 2048 else 4}
+    warps = 8 if block >= 2048 else 4
+    return {"num_warps": warps * 2 if dtype.itemsize == 8 else warps}
+
+
+def _aligned(vocab: int, *tiles: torch.Tensor) -> bool:
+    """True when V and every ``[N, V]`` tensor's row stride and address allow 16-byte vectors."""
+    return vocab % ALIGNMENT == 0 and all(
+        t.stride(0) % ALIGNMENT == 0 and t.data_ptr() % ALIGNMENT == 0 for t in tiles
+    )
+
+
+def _common_dtype(z: torch.Tensor, zq: torch.Tensor | None):
+    """``(z, zq)`` in one dtype (``torch.promote_types``: exact), so mixed pairs add no variant."""
+    if zq is None or zq.dtype == z.dtype:
+        return z, zq
+    dtype = torch.promote_types(z.dtype, zq.dtype)
+    return z.to(dtype), zq.to(dtype)
 
 
 def _alloc_outputs(z, rows):
@@ -217,15 +289,17 @@ def _alloc_outputs(z, rows):
 
 def _fwd(z, labels, zq, rows, inv_t):
     """Launch the forward kernel on ``z [N, V]`` (unit last stride) for valid rows ``[Nv]``."""
+    z, zq = _common_dtype(z, zq)
     lp, ent, kl, saved = _alloc_outputs(z, rows)
     nv = rows.numel()
     if nv:
         block = _block_v(z.shape[1])
+        ref = zq if zq is not None else z  # [N, V]; unused without HAS_REF
         _token_stats_fwd_kernel[(nv,)](
             z,
             z.stride(0),
-            zq if zq is not None else z,
-            (zq if zq is not None else z).stride(0),
+            ref,
+            ref.stride(0),
             labels if labels is not None else rows,
             rows,
             lp,
@@ -237,13 +311,17 @@ def _fwd(z, labels, zq, rows, inv_t):
             float(inv_t),
             HAS_LABELS=labels is not None,
             HAS_REF=zq is not None,
+            ALIGNED=_aligned(z.shape[1], z, ref),
             BLOCK_V=block,
-            **_launch_opts(block),
+            **_launch_opts(block, z.dtype),
         )
     return lp, ent, kl, saved
 
 
 def _bwd(z, labels, zq, rows, saved, inv_t, g_lp, g_ent, g_kl, need_dzq):
+    """``(dz [N, V] in z's dtype, dzq [N, V] in zq's dtype | None)`` for the valid rows."""
+    z_dtype, zq_dtype = z.dtype, (zq.dtype if zq is not None else None)
+    z, zq = _common_dtype(z, zq)
     n, v = z.shape
     nv = rows.numel()
     alloc = torch.empty if nv == n else torch.zeros
@@ -254,13 +332,15 @@ def _bwd(z, labels, zq, rows, saved, inv_t, g_lp, g_ent, g_kl, need_dzq):
     if nv:
         block = _block_v(v)
         dummy = saved
+        ref = zq if zq is not None else z  # [N, V]; unused without HAS_REF
+        ref_grad = dzq if dzq is not None else dz  # [N, V]; unused without REF_GRAD
         _token_stats_bwd_kernel[(nv,)](
             z,
             z.stride(0),
-            zq if zq is not None else z,
-            (zq if zq is not None else z).stride(0),
+            ref,
+            ref.stride(0),
             dz,
-            dzq if dzq is not None else dz,
+            ref_grad,
             labels if labels is not None else rows,
             rows,
             saved,
@@ -274,10 +354,12 @@ def _bwd(z, labels, zq, rows, saved, inv_t, g_lp, g_ent, g_kl, need_dzq):
             HAS_ENT=g_ent is not None,
             HAS_REF=has_ref,
             REF_GRAD=need_dzq and has_ref,
+            ALIGNED=_aligned(v, z, ref, dz, ref_grad),
             BLOCK_V=block,
-            **_launch_opts(block),
+            **_launch_opts(block, z.dtype),
         )
-    return dz, dzq
+    dzq = dzq.to(zq_dtype) if dzq is not None else None
+    return dz.to(z_dtype), dzq
 
 
 class TritonTokenStats(torch.autograd.Function):
