@@ -9,7 +9,8 @@ per chunk) and 16 MiB each by default, so per-op thread start-up stays negligibl
 Per chunk the forward is a handful of fused ATen ops: log p = log_softmax(z / T) (for T != 1
 the raw max is subtracted before scaling, so |z| ≈ 1e4 keeps full precision), p = exp(log p),
 H = -Σ p log p, KL = Σ p (log p - log q), log π(y) = log p[y].
-Backward (per-row scalars g_lp, g_H, g_KL; 1/T folded into the coefficients) recomputes log p:
+Backward (per-row scalars g_lp, g_H, g_KL; 1/T folded into the coefficients) recomputes log p
+(renormalised so that each row of p sums to 1 in float32):
     dz = (1/T) [g_lp·onehot - p ⊙ (g_lp + g_H (log p + H) - g_KL (log p - log q - KL))],
     dz_q = (g_KL/T) (q - p).
 ``-inf`` entries make ``p·log p`` NaN (0·-inf); such rows are detected from the NaN and
@@ -166,6 +167,7 @@ def stats_backward(
         beta = -(gh - gk) * inv_t  # [k, 1]
         w = _log_probs(_take(z, rows, r0, r1), buf_a[:k], inv_t)  # log p [k, V]
         p = torch.exp(w, out=buf_e[:k])  # [k, V]
+        _renormalise(p, w)
         if g_ent is None and not use_q:  # log-prob only: dz = -p·g_lp/T (+ onehot)
             torch.mul(p, alpha, out=w)
         else:
@@ -184,6 +186,18 @@ def stats_backward(
             lq.exp_().sub_(p).mul_(gk * inv_t)  # (g_KL / T)(q - p)
             _store(dzq, lq, rows, r0, r1)
     return dz, dzq
+
+
+def _renormalise(p: torch.Tensor, logp: torch.Tensor) -> None:
+    """Make each row of ``p`` sum to 1 in the work dtype, in place (``logp`` shifted to match).
+
+    log_softmax's float32 log-sum-exp is off by a few ulps, so ``exp(log p)`` sums to 1 + ε per
+    row; the entropy term p ⊙ (log p + H) would carry that ε (about 2× torch's own error at
+    V = 262144). Dividing by the row sum removes it for one extra row reduction.
+    """
+    total = p.sum(1, keepdim=True)  # [k, 1]
+    p.div_(total)
+    logp.sub_(total.log_())
 
 
 def _store(dst: torch.Tensor, src: torch.Tensor, rows, r0: int, r1: int) -> None:

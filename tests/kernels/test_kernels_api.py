@@ -14,6 +14,44 @@ def _grads(outs, seed=2):
     return sum((o.double() * torch.randn(o.shape, generator=g).double()).sum() for o in outs)
 
 
+def _linear_inputs(lead, vocab, kw):
+    """Float32 inputs of the fused-linear test: ``(leaves, labels, mask, hq, wq)``."""
+    g = torch.Generator().manual_seed(5)
+    width = 24
+    h = torch.randn(*lead, width, generator=g)  # [..., H]
+    w = torch.randn(vocab, width, generator=g) * 0.4  # [V, H]
+    b = None
+    if kw.get("bias"):
+        b = torch.randn(vocab, generator=g)  # [V]
+        if kw.get("neginf_tile"):
+            b[64:128] = float("-inf")  # a whole vocabulary tile is masked out
+    labels = torch.randint(0, vocab, lead, generator=g)
+    if kw.get("neginf_tile"):
+        labels = labels % 64
+    if kw.get("ignore"):
+        labels.view(-1)[::4] = -100
+    mask = (torch.rand(lead, generator=g) > 0.3) if kw.get("mask") else None
+    hq = torch.randn(*lead, width, generator=g) if kw.get("ref_hidden") else None
+    wq = torch.randn(vocab, width, generator=g) * 0.4 if kw.get("ref_weight") else None
+    return [h, w, b], labels, mask, hq, wq
+
+
+def _linear_run(mode, leaves, labels, mask, hq, wq, kw):
+    """``(outputs, grads of h, w[, b])`` of ours / torch's own float32 / the float64 reference."""
+    dtype = torch.float64 if mode == "exact" else torch.float32
+    h, w, b = (None if x is None else x.detach().to(dtype).requires_grad_(True) for x in leaves)
+    hq, wq = (None if x is None else x.to(dtype) for x in (hq, wq))
+    t = kw.get("temperature", 1.0)
+    common = {"bias": b, "ref_hidden": hq, "ref_weight": wq, "temperature": t, "mask": mask}
+    if mode == "ours":
+        outs = linear_token_stats(h, w, labels, chunk_size=kw.get("chunk_size"), **common)
+    else:  # the reference in the inputs' own dtype: float64 (exact) or float32 (torch's own)
+        outs = R.linear_token_stats_ref(h, w, labels, dtype=None, **common)
+    live = [x for x in (h, w, b) if x is not None]
+    grads = torch.autograd.grad(_grads([o for o in outs if o is not None]), live)
+    return outs, grads
+
+
 @pytest.mark.parametrize(
     "lead,vocab,kw",
     [
@@ -23,65 +61,29 @@ def _grads(outs, seed=2):
         ((9,), 200, {"bias": True, "ref_hidden": True, "neginf_tile": True, "tile": 64}),
     ],
 )
-def test_linear_token_stats_matches_matmul_then_reference(lead, vocab, kw, monkeypatch):
+def test_linear_token_stats_matches_matmul_then_reference(
+    lead, vocab, kw, monkeypatch, budget, within_torch_error
+):
+    """Within twice the error of torch's own float32 `hidden @ W.T` + log_softmax."""
     monkeypatch.setattr(linear, "TILE_V", kw.get("tile", linear.TILE_V))
-    g = torch.Generator().manual_seed(5)
-    width = 24
-    h = torch.randn(*lead, width, generator=g, requires_grad=True)
-    w = (torch.randn(vocab, width, generator=g) * 0.4).requires_grad_(True)
-    b = None
-    if kw.get("bias"):
-        b = torch.randn(vocab, generator=g)
-        if kw.get("neginf_tile"):
-            b[64:128] = float("-inf")  # a whole vocabulary tile is masked out
-        b.requires_grad_(True)
-    labels = torch.randint(0, vocab, lead, generator=g)
-    if kw.get("neginf_tile"):
-        labels = labels % 64
-    if kw.get("ignore"):
-        labels.view(-1)[::4] = -100
-    mask = (torch.rand(lead, generator=g) > 0.3) if kw.get("mask") else None
-    hq = torch.randn(*lead, width, generator=g) if kw.get("ref_hidden") else None
-    wq = torch.randn(vocab, width, generator=g) * 0.4 if kw.get("ref_weight") else None
-    t = kw.get("temperature", 1.0)
-    ours = linear_token_stats(
-        h,
-        w,
-        labels,
-        bias=b,
-        ref_hidden=hq,
-        ref_weight=wq,
-        temperature=t,
-        mask=mask,
-        chunk_size=kw.get("chunk_size"),
-    )
-    leaves = [x for x in (h, w, b) if x is not None]
-    grads = torch.autograd.grad(_grads([o for o in ours if o is not None]), leaves)
-    leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
-    h64, w64 = leaves64[:2]
-    b64 = leaves64[2] if b is not None else None
-    ref = R.linear_token_stats_ref(
-        h64,
-        w64,
-        labels,
-        bias=b64,
-        ref_hidden=None if hq is None else hq.double(),
-        ref_weight=None if wq is None else wq.double(),
-        temperature=t,
-        mask=mask,
-    )
-    ref_grads = torch.autograd.grad(_grads([o for o in ref if o is not None]), leaves64)
+    leaves, labels, mask, hq, wq = _linear_inputs(lead, vocab, kw)
+    ours, grads = _linear_run("ours", leaves, labels, mask, hq, wq, kw)
+    own, own_grads = _linear_run("torch", leaves, labels, mask, hq, wq, kw)
+    ref, ref_grads = _linear_run("exact", leaves, labels, mask, hq, wq, kw)
     assert (ours[2] is None) == (hq is None and wq is None)
-    for o, r in zip(ours, ref):
+    for name, o, t, r in zip(("logprobs", "entropy", "kl"), ours, own, ref):
         if o is not None:
             assert o.dtype == torch.float32 and o.shape == lead
-            torch.testing.assert_close(o.double(), r.detach(), atol=1e-5, rtol=1e-5)
-    for gr, rr, leaf in zip(grads, ref_grads, leaves):
+            within_torch_error(o, t, r, name=name, **budget(torch.float32))
+    live = [x for x in leaves if x is not None]
+    for name, gr, gt, rr, leaf in zip(
+        ("d_hidden", "d_weight", "d_bias"), grads, own_grads, ref_grads, live
+    ):
         assert gr.dtype == leaf.dtype and gr.shape == leaf.shape
-        torch.testing.assert_close(gr.double(), rr, atol=2e-5, rtol=1e-5)
+        within_torch_error(gr, gt, rr, name=name, **budget(torch.float32))
 
 
-def test_linear_bf16_error_at_most_twice_torch_own():
+def test_linear_bf16_error_at_most_twice_torch_own(budget, within_torch_error):
     g = torch.Generator().manual_seed(6)
     h = torch.randn(40, 32, generator=g).bfloat16()
     w = (torch.randn(500, 32, generator=g) * 0.3).bfloat16()
@@ -90,9 +92,8 @@ def test_linear_bf16_error_at_most_twice_torch_own():
     exact = R.linear_token_stats_ref(h.double(), w.double(), labels, ref_hidden=hq.double())
     own = R.linear_token_stats_ref(h, w, labels, ref_hidden=hq, dtype=None)
     ours = linear_token_stats(h, w, labels, ref_hidden=hq)
-    for o, t, e in zip(ours, own, exact):
-        err_ours = (o.double() - e).abs().max().item()
-        assert err_ours <= 2 * (t.double() - e).abs().max().item() + 1e-6
+    for name, o, t, e in zip(("logprobs", "entropy", "kl"), ours, own, exact):
+        within_torch_error(o, t, e, name=name, **budget(torch.bfloat16))
 
 
 def test_linear_reference_side_gets_no_gradient_and_masked_rows_skip():
@@ -108,23 +109,35 @@ def test_linear_reference_side_gets_no_gradient_and_masked_rows_skip():
     assert torch.all(h.grad[~mask] == 0) and torch.all(lp[~mask] == 0)
 
 
-def test_vocab_262144_and_huge_logits(backend):
+def test_vocab_262144_and_huge_logits(backend, budget, within_torch_error):
+    """V = 262144 with |z| ≈ 1e4 and -inf entries. torch's own float32 entropy here is off by
+    7.5e-5 with AVX-512 ATen kernels and 1.85e-4 with AVX2 ones (reduction order), so a fixed
+    tolerance cannot be CPU-independent; the 2× rule is.
+
+    The chunked backward renormalises p (rows summing to 1 in float32); without that its entropy
+    term p ⊙ (log p + H) carried the log-sum-exp rounding at about 2× torch's own error.
+    """
     g = torch.Generator().manual_seed(7)
     v = 262144
-    z = torch.randn(2, v, generator=g) * 3
+    z = torch.randn(2, v, generator=g) * 3  # [2, V]
     z[1] += 1e4
     z[0, :1000] = float("-inf")
-    zq = z + torch.randn(2, v, generator=g)
+    zq = z + torch.randn(2, v, generator=g)  # [2, V]
     labels = torch.tensor([5000, 7])
-    z.requires_grad_(True)
-    ours = K.token_stats(z, labels, zq, backend=backend)
-    z64 = z.detach().double().requires_grad_(True)
-    ref = R.token_stats_ref(z64, labels, zq.double())
-    _grads(ours).backward()
-    _grads(ref).backward()
-    for o, r in zip(ours, ref):
-        torch.testing.assert_close(o.double(), r.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z.grad.double(), z64.grad, atol=1e-5, rtol=1e-5)
+    runs = {}
+    for mode in ("ours", "torch", "exact"):
+        leaf = (z.double() if mode == "exact" else z.clone()).requires_grad_(True)
+        zq_mode = zq.double() if mode == "exact" else zq
+        if mode == "ours":
+            outs = K.token_stats(leaf, labels, zq_mode, backend=backend)
+        else:
+            dtype = torch.float64 if mode == "exact" else None
+            outs = R.token_stats_ref(leaf, labels, zq_mode, dtype=dtype)
+        _grads(outs).backward()
+        runs[mode] = [*outs, leaf.grad]
+    names = ("logprobs", "entropy", "kl", "dz")
+    for name, o, t, e in zip(names, runs["ours"], runs["torch"], runs["exact"]):
+        within_torch_error(o, t, e, name=name, **budget(torch.float32, backend))
 
 
 def test_masked_rows_do_no_vocab_work_and_all_masked(backend):
@@ -142,18 +155,29 @@ def test_masked_rows_do_no_vocab_work_and_all_masked(backend):
     assert torch.all(out == 0) and torch.all(z2.grad == 0)
 
 
-def test_shared_logits_several_losses_match_reference():
-    z = torch.randn(5, 40, requires_grad=True)
+def test_shared_logits_several_losses_match_reference(budget, within_torch_error):
+    """Two ops on the same logits in one loss: their gradients add up like the reference's."""
+    z = torch.randn(5, 40)  # [N, V]
     labels = torch.randint(0, 40, (5,))
-    loss = K.token_logprobs(z, labels).sum() + 0.1 * K.token_entropy(z, temperature=0.5).sum()
-    loss.backward()
-    z64 = z.detach().double().requires_grad_(True)
-    ref = (
-        R.token_logprobs_ref(z64, labels).sum()
-        + 0.1 * R.token_entropy_ref(z64, temperature=0.5).sum()
+    grads = {}
+    for mode in ("ours", "torch", "exact"):
+        leaf = (z.double() if mode == "exact" else z.clone()).requires_grad_(True)
+        if mode == "ours":
+            loss = (
+                K.token_logprobs(leaf, labels).sum()
+                + 0.1 * K.token_entropy(leaf, temperature=0.5).sum()
+            )
+        else:
+            dtype = torch.float64 if mode == "exact" else None
+            loss = (
+                R.token_logprobs_ref(leaf, labels, dtype=dtype).sum()
+                + 0.1 * R.token_entropy_ref(leaf, temperature=0.5, dtype=dtype).sum()
+            )
+        loss.backward()
+        grads[mode] = leaf.grad
+    within_torch_error(
+        grads["ours"], grads["torch"], grads["exact"], name="dz", **budget(torch.float32)
     )
-    ref.backward()
-    torch.testing.assert_close(z.grad.double(), z64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_raise_one_line_errors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +61,7 @@ def test_local_dir_round_trip_and_classifier(tmp_path, tiny_config, tiny_tokeniz
     assert clf(ids).logits.shape == (1, 1)
 
 
-def test_lora_and_gradient_checkpointing(tmp_path, tiny_config):
+def test_lora_and_gradient_checkpointing(tmp_path, tiny_config, within_torch_error):
     spec = ModelSpec(
         config=tiny_config(30),
         gradient_checkpointing=True,
@@ -80,8 +82,9 @@ def test_lora_and_gradient_checkpointing(tmp_path, tiny_config):
     model.eval()
     out = export_pretrained(model, None, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # merged W + s·BA vs the adapter path: two float32 routes
+        exact = copy.deepcopy(model).double()(ids).logits  # [B, T, V] float64
+        within_torch_error(plain(ids).logits, model(ids).logits, exact, name="merged logits")
     assert hasattr(model, "merge_and_unload")  # live model still wrapped
 
 

@@ -1,4 +1,9 @@
-"""RewardModule end to end on a tiny Llama: scoring under padding, training, export round trip."""
+"""RewardModule end to end on a tiny Llama: scoring under padding, training, export round trip.
+
+Scores reached by two float32 routes (padded vs alone, module vs reloaded export, other padding
+widths) are judged against a float64 forward: the route under test within twice the other
+route's error (`within_torch_error`, tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -67,15 +72,21 @@ def _fit(tmp_path, tokenizer, tiny_config, records, steps: int, **module_kwargs)
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_score_reads_last_real_token_under_any_padding(tiny_tokenizer, tiny_config, pad_is_eos):
+def test_score_reads_last_real_token_under_any_padding(
+    tiny_tokenizer, tiny_config, pad_is_eos, within_torch_error
+):
     tok = _pad_eos(tiny_tokenizer) if pad_is_eos else tiny_tokenizer
     model = load_sequence_classifier(ModelSpec(config=tiny_config(len(tok)))).eval()
     ids = tok("the movie was great", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     short = ids[:3]
-    alone = [
-        score_rows(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
-        for r in (ids, short)
-    ]
+    model64 = copy.deepcopy(model).double()
+    alone, alone64 = (
+        [
+            score_rows(m, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+            for r in (ids, short)
+        ]
+        for m in (model, model64)
+    )
     pad = tok.pad_token_id
     width = len(ids)
     right = torch.tensor([ids, short + [pad] * (width - 3)])  # [2, T]
@@ -86,14 +97,17 @@ def test_score_reads_last_real_token_under_any_padding(tiny_tokenizer, tiny_conf
         got_right = score_rows(model, right, right_mask)
         got_left = score_rows(model, left, left_mask)
     expected = torch.cat(alone).detach()
-    torch.testing.assert_close(got_right, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_left, expected, atol=1e-5, rtol=1e-5)
+    exact = torch.cat(alone64).detach()
+    within_torch_error(got_right, expected, exact, name="right padded")
+    within_torch_error(got_left, expected, exact, name="left padded")
     # the full row ends with EOS (== pad when pad_is_eos): its score is the EOS position's,
     # not the token before it
     assert not torch.allclose(expected[0], alone[1][0])
 
 
-def test_reward_module_learns_and_exports(tmp_path, tiny_tokenizer, tiny_config):
+def test_reward_module_learns_and_exports(
+    tmp_path, tiny_tokenizer, tiny_config, within_torch_error
+):
     tok = _pad_eos(tiny_tokenizer)  # the hard case: pad == eos
     trainer, module, dm = _fit(tmp_path, tok, tiny_config, _pairs(32), steps=24, center_coef=0.01)
     metrics = trainer.callback_metrics
@@ -117,13 +131,15 @@ def test_reward_module_learns_and_exports(tmp_path, tiny_tokenizer, tiny_config)
         ours = module(batch["input_ids"], batch["attention_mask"])  # [R]
         ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, plain_tok.pad_token_id)
         theirs = plain(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, 0]
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        plain64 = copy.deepcopy(plain).double()
+        exact = plain64(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, 0]
+    within_torch_error(theirs, ours, exact, name="reloaded export")
     # and via texts padded by the exported tokenizer itself
     texts = [tok.decode(r[m.bool()]) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
     enc = plain_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         from_text = plain(**enc).logits[:, 0]
-    torch.testing.assert_close(from_text, ours, atol=1e-5, rtol=1e-5)
+    within_torch_error(from_text, ours, exact, name="export's own padding")
 
     model, loaded_tok, loaded_stats = load_reward_model(export)
     assert loaded_stats == stats and not any(p.requires_grad for p in model.parameters())
