@@ -15,6 +15,10 @@ fetched batches would be one too many at every checkpoint.
 
 Lightning calls `set_epoch` on a dataloader's sampler at every epoch start, and saves and
 restores the state of any train dataloader that has `state_dict` / `load_state_dict`.
+
+Under data parallelism (DDP) each rank iterates its own shard of the same epoch order (see
+`EpochShuffleSampler`); every rank consumes the same number of batches, so the consumed count
+saved by rank 0 resumes every rank at the right place of its shard.
 """
 
 from __future__ import annotations
@@ -24,15 +28,38 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Indices 0..n-1, shuffled per epoch from `seed + epoch`, with a one-shot resume skip."""
+class EpochShuffleSampler(DistributedSampler):
+    """Indices 0..n-1, shuffled per epoch from `seed + epoch`, this rank's shard of them, with a
+    one-shot resume skip.
 
-    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.epoch = 0
+    Data parallelism: the epoch's order is padded (by repeating its head, as torch's
+    `DistributedSampler` does) to a multiple of `num_replicas`, and rank r takes every
+    `num_replicas`-th index from position r. Batch k of every rank together is then exactly batch
+    k of one process with a `num_replicas` times larger batch. It subclasses `DistributedSampler`
+    only so that Lightning keeps it instead of wrapping it in a second, re-shuffling shard
+    (`use_distributed_sampler`); the defaults (one replica) serve the whole dataset.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"EpochShuffleSampler: rank {rank} is not in [0, num_replicas={num_replicas})"
+            )
+        super().__init__(
+            range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
+        )  # sets num_samples = ceil(n / num_replicas) (this rank's share) and total_size
+        self.dataset_size = num_samples
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -40,19 +67,27 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def skip_next(self, num_samples: int) -> None:
-        """Make the next iteration start `num_samples` into the epoch's order (resume)."""
+        """Make the next iteration start `num_samples` into this rank's share (resume)."""
         self._skip = max(0, int(num_samples))
 
     def order(self) -> torch.Tensor:
-        """The full index order of the current epoch."""
+        """The full index order of the current epoch (every rank's, before sharding)."""
         if not self.shuffle:
-            return torch.arange(self.num_samples)
+            return torch.arange(self.dataset_size)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator)
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def shard(self) -> torch.Tensor:
+        """This rank's indices of the current epoch, Long[num_samples]."""
+        order = self.order()  # [n]
+        if self.total_size > len(order) and len(order) > 0:
+            repeats = -(-self.total_size // len(order))  # ceil
+            order = order.repeat(repeats)[: self.total_size]  # [total_size]
+        return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self):
         start, self._skip = self._skip, 0
-        yield from self.order()[start:].tolist()
+        yield from self.shard()[start:].tolist()
 
     def __len__(self) -> int:
         return self.num_samples

@@ -10,9 +10,11 @@ One `training_step` is one PPO iteration on a batch of prompts from the shared d
                      loss, entropy bonus, optional KL loss and PPO-ptx), manual optimisation
 
 Steps 1–4 live in `rlhf_lightning.ppo.experience`, step 5 in `rlhf_lightning.ppo.step`. The KL
-controller, reward-hacking monitor, running reward statistics, RNG state and the PPO-ptx data
-position are saved in checkpoints so that `fit(..., ckpt_path=...)` continues exactly; frozen
-models that can be reloaded from disk (reward model, reference of a pretrained policy) are left out.
+controller, reward-hacking monitor, running reward statistics, RNG state (one per rank) and the
+PPO-ptx data position are saved in checkpoints so that `fit(..., ckpt_path=...)` continues
+exactly; frozen models that can be reloaded from disk (reward model, reference of a pretrained
+policy) are left out. Under DDP each rank rolls out its own prompts; every batch statistic is
+reduced over the ranks (`rlhf_lightning.ppo.distributed`, docs/distributed.md).
 
 References: Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT, PPO-ptx);
 Schulman et al. 2017 (PPO); Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO").
@@ -48,6 +50,7 @@ from rlhf_lightning.ppo.config import (
     UpdateConfig,
     check_choice,
 )
+from rlhf_lightning.ppo.distributed import module_ranks
 from rlhf_lightning.ppo.experience import collect_experience, hf_generation_config
 from rlhf_lightning.ppo.kl_control import build_kl_controller
 from rlhf_lightning.ppo.monitor import RewardHackingMonitor
@@ -58,7 +61,13 @@ from rlhf_lightning.ppo.reporting import (
     sample_rows,
 )
 from rlhf_lightning.ppo.rollout import Rollout, RunningMoments, load_callable
-from rlhf_lightning.ppo.state import coerce_config, get_rng_state, same_vocabulary, set_rng_state
+from rlhf_lightning.ppo.state import (
+    coerce_config,
+    get_rng_state,
+    rank_rng_state,
+    same_vocabulary,
+    set_rng_state,
+)
 from rlhf_lightning.ppo.step import ppo_update
 
 
@@ -293,10 +302,13 @@ class PPOModule(pl.LightningModule):
         t0 = time.perf_counter()
         update_stats = ppo_update(self, rollout)  # step 5
         info["update_s"] = time.perf_counter() - t0
-        metrics = iteration_metrics(rollout, info, update_stats, self.kl_ctl.value)
-        self.kl_ctl.update(metrics["objective/kl"], len(rollout))
+        ranks = module_ranks(self)  # what follows is over all data-parallel ranks
+        metrics = iteration_metrics(rollout, info, update_stats, self.kl_ctl.value, ranks)
+        n_samples = int(ranks.sum(torch.tensor(float(len(rollout)), device=self.device)))
+        self.kl_ctl.update(metrics["objective/kl"], n_samples)
+        responses = ranks.gather(info["responses"])
         report = self.monitor.update(
-            metrics["objective/reward_raw"], metrics.get("objective/gold"), info["responses"]
+            metrics["objective/reward_raw"], metrics.get("objective/gold"), responses
         )
         metrics.update({f"monitor/{k}": v for k, v in report.signals.items()})
         for message in report.warnings:
@@ -329,8 +341,12 @@ class PPOModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        """Silence ModelCheckpoint's manual-optimisation notice: the post-step state is intended."""
+        """Silence ModelCheckpoint's manual-optimisation notice: the post-step state is intended.
+        Under DDP, a fresh run offsets the torch seed by the rank (as `accelerate.set_seed(...,
+        device_specific=True)` does), so that ranks do not sample with the same random numbers."""
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if self._rng is None and self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
 
     def on_fit_end(self) -> None:
         """Export the trained policy (merged LoRA) and tokenizer with `save_pretrained`."""
@@ -360,12 +376,14 @@ class PPOModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]
+        rng = self._rng if self._rng is not None else get_rng_state()
         checkpoint["ppo_state"] = {
             "iteration": self.iteration,
             "kl_controller": self.kl_ctl.state_dict(),
             "monitor": self.monitor.state_dict(),
             "running": self.running.state_dict(),
-            "rng": self._rng if self._rng is not None else get_rng_state(),
+            "rng": rng,
+            "rng_per_rank": module_ranks(self).gather([rng]),  # one state per data-parallel rank
             "ptx_position": dict(self._ptx_pos),
             "history": self.history,
             "warnings": self.warnings,
@@ -388,6 +406,6 @@ class PPOModule(pl.LightningModule):
         self.kl_ctl.load_state_dict(ppo["kl_controller"])
         self.monitor.load_state_dict(ppo["monitor"])
         self.running.load_state_dict(ppo["running"])
-        self._rng = ppo["rng"]
+        self._rng = rank_rng_state(ppo, self.global_rank, getattr(self._trainer, "world_size", 1))
         self._ptx_pos, self._ptx_iter = dict(ppo["ptx_position"]), None
         self.history, self.warnings = list(ppo["history"]), list(ppo["warnings"])

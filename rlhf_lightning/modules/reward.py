@@ -205,7 +205,7 @@ class RewardModule(L.LightningModule):
         self.val_rejected(rewards[~best])
         self._val_rewards["chosen"].append(rewards[best].detach().cpu())
         self._val_rewards["rejected"].append(rewards[~best].detach().cpu())
-        self.log("reward/val/loss", loss, on_epoch=True, batch_size=groups)
+        self.log("reward/val/loss", loss, on_epoch=True, batch_size=groups, sync_dist=True)
         self.log(
             "reward/val/accuracy", self.val_acc, on_epoch=True, prog_bar=True, batch_size=groups
         )

@@ -9,7 +9,8 @@
   reward callables; `experience` (steps 1–4) and `step` (step 5) of one PPO iteration.
 - `models`: critic, frozen reference, dropout control; `config`: the option dataclasses;
   `reporting`: metrics/tables/histograms;
-  `state`: RNG snapshots; `toy`: trivial rewards for smoke tests.
+  `state`: RNG snapshots; `toy`: trivial rewards for smoke tests; `distributed`: the
+  cross-rank reductions (`CrossRank`) that keep batch statistics global under DDP.
 
 Submodules are imported explicitly (nothing is re-exported here, to keep imports light).
 """

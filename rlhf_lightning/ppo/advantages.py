@@ -11,15 +11,21 @@ References:
   Estimation" (GAE(γ, λ)).
 - Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (whitening over valid
   tokens, returns = advantages + values before whitening).
+
+Under data parallelism the batch statistics (whitening, masked means and variances) take a
+`ranks: CrossRank` and are computed over the valid tokens of every rank (`ppo.distributed`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+
 __all__ = [
     "last_valid_index",
     "masked_mean",
+    "masked_moments",
     "masked_var",
     "whiten",
     "kl_penalised_rewards",
@@ -34,35 +40,56 @@ def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.bool() * positions).amax(dim=-1)  # [B]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over positions where `mask` is true (all dims when `dim` is None)."""
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, ranks: CrossRank = LOCAL
+) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is true (all dims when `dim` is None).
+
+    With `dim=None` the mean is over the valid positions of every rank (`ranks`, see
+    `ppo.distributed`): sums and counts are all-reduced before dividing.
+    """
     m = mask.to(x.dtype)
     if dim is None:
-        return (x * m).sum() / m.sum().clamp(min=1)
+        total, count = ranks.sum(torch.stack([(x * m).sum(), m.sum()]))
+        return total / count.clamp(min=1)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `x` over the valid positions (Bessel-corrected when `unbiased`)."""
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, ranks: CrossRank = LOCAL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of `x` over the valid positions of every rank (Bessel-corrected when
+    `unbiased`): the global mean first, then the global sum of squared deviations from it."""
     m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1)
-    var = (((x - mean) ** 2) * m).sum() / n.clamp(min=1)
+    mean = masked_mean(x, mask, ranks=ranks)
+    squares, n = ranks.sum(torch.stack([(((x - mean) ** 2) * m).sum(), m.sum()]))
+    var = squares / n.clamp(min=1)
     if unbiased and n > 1:
         var = var * n / (n - 1)
-    return var
+    return mean, var
+
+
+def masked_var(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, ranks: CrossRank = LOCAL
+) -> torch.Tensor:
+    """Variance of `x` over the valid positions (of every rank; Bessel-corrected when `unbiased`)."""
+    return masked_moments(x, mask, unbiased, ranks)[1]
 
 
 def whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    ranks: CrossRank = LOCAL,
 ) -> torch.Tensor:
     """Normalise `x` to unit variance (and zero mean when `shift_mean`) over valid tokens.
 
-    Statistics come from the valid positions only; padded positions are returned as 0.
+    Statistics come from the valid positions only, of every data-parallel rank (`ranks`), so a
+    batch split over ranks is whitened as the whole batch would be; padded positions return 0.
     """
     m = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean, var = masked_moments(x, mask, ranks=ranks)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -126,9 +153,12 @@ def gae(
     return advantages, returns
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var[returns − values] / Var[returns] over valid tokens (1 = perfect critic)."""
-    var_ret = masked_var(returns, mask)
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, ranks: CrossRank = LOCAL
+) -> float:
+    """1 − Var[returns − values] / Var[returns] over valid tokens of every rank (1 = perfect)."""
+    var_ret = masked_var(returns, mask, ranks=ranks)
+    var_err = masked_var(returns - values, mask, ranks=ranks)
     if var_ret.item() == 0:
         return float("nan")
-    return float(1 - masked_var(returns - values, mask) / var_ret)
+    return float(1 - var_err / var_ret)

@@ -3,6 +3,8 @@
 `collect_experience(module, batch)` turns a left-padded prompt batch into a fully populated
 `Rollout` (and a dict of diagnostics), running every model under `no_grad` in eval mode and in
 rollout micro-batches. It reads the module's models and config groups (see `PPOModule`).
+Under DDP each rank collects its own prompts; the running reward moments and the advantage
+whitening are computed over every rank's batch (`ppo.distributed`).
 
 References: Ziegler et al. 2019 (KL-penalised reward, adaptive β); Stiennon et al. 2020;
 Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
@@ -17,6 +19,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 
 from rlhf_lightning.kernels import kl_penalty
 from rlhf_lightning.ppo.advantages import gae, kl_penalised_rewards, whiten
+from rlhf_lightning.ppo.distributed import module_ranks
 from rlhf_lightning.ppo.models import reference_context
 from rlhf_lightning.ppo.rollout import (
     Rollout,
@@ -113,7 +116,7 @@ def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
 
         scores = normalise(scores, module.reward_stats)
     elif cfg.normalize == "running":
-        module.running.update(raw)
+        module.running.update(raw, module_ranks(module))  # moments of every rank's rewards
         scores = (scores - module.running.mean) / max(module.running.std, 1e-6)
     if cfg.missing_eos_penalty is not None:
         ends = rollout.response_ids.gather(1, (rollout.response_mask.sum(1) - 1)[:, None])[:, 0]
@@ -251,11 +254,17 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
         for m, mode in zip(models, modes):
             m.train(mode)
 
-    # 4. advantages: KL-penalised per-token rewards → GAE(γ, λ) → whitening
+    _advantages(module, rollout)  # 4. advantages
+    return rollout, info
+
+
+def _advantages(module, rollout: Rollout) -> None:
+    """Step 4: KL-penalised per-token rewards → GAE(γ, λ) → whitening over the valid tokens of
+    every data-parallel rank. Fills `rewards`, `returns` and `advantages` (Float[B, R] each)."""
     upd = module.update_cfg
     beta = module.kl_ctl.value if module.kl_cfg.mode == "reward" else 0.0
     rollout.rewards = kl_penalised_rewards(rollout.scores, rollout.kl, rollout.response_mask, beta)
     adv, ret = gae(rollout.rewards, rollout.values, rollout.response_mask, upd.gamma, upd.lam)
-    rollout.returns = ret  # [B, R]
-    rollout.advantages = whiten(adv, rollout.response_mask) if upd.whiten_advantages else adv
-    return rollout, info
+    if upd.whiten_advantages:
+        adv = whiten(adv, rollout.response_mask, ranks=module_ranks(module))
+    rollout.returns, rollout.advantages = ret, adv

@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import torch
 
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+
 __all__ = [
     "policy_loss",
     "value_loss",
@@ -154,6 +156,10 @@ class PPOStats:
     `add(prefix, stats)` sums each value into the current minibatch; `end_minibatch()` closes it;
     `means()` returns the average over closed minibatches (each minibatch weighs the same, since the
     per-micro-batch values are already minibatch token-means).
+
+    Under DDP each rank divides its token sums by the per-rank average count (see `ppo.step`), so
+    the mean over ranks that `end_minibatch(ranks)` takes is the token-mean of the global
+    minibatch — the same value on every rank (the approx-KL early stop agrees everywhere).
     """
 
     def __init__(self) -> None:
@@ -172,9 +178,14 @@ class PPOStats:
         """Totals of the minibatch being accumulated."""
         return dict(self._current)
 
-    def end_minibatch(self) -> dict[str, float]:
-        """Close the current minibatch; returns its totals (remembered as `first` the first time)."""
+    def end_minibatch(self, ranks: CrossRank = LOCAL) -> dict[str, float]:
+        """Close the current minibatch; returns its totals averaged over the data-parallel ranks
+        (remembered as `first` the first time)."""
         closed = dict(self._current)
+        if ranks.world_size > 1 and closed:
+            keys = sorted(closed)  # the same order on every rank
+            local = torch.tensor([closed[k] for k in keys], dtype=torch.float64)  # [K]
+            closed = dict(zip(keys, ranks.mean_over_ranks(local).tolist()))
         if not self.first:
             self.first = closed
         for key, value in closed.items():

@@ -5,50 +5,79 @@ Tags: `objective/{reward, reward_raw, rlhf_reward, kl, kl_coef, entropy, gold}`,
 ratio_at_start, entropy, epochs_done, early_stop}`, `ppo/val/{clipfrac, explained_variance, mean}`,
 `ppo/returns/mean`, `ppo/response_length/{mean, max}`, `ppo/response/eos_fraction`,
 `perf/{rollout_s, score_s, logprob_s, update_s, iteration_s, tokens_per_s}`, `monitor/*`.
+
+Under DDP the metrics are over the prompts of every rank (`ppo.distributed`), except `perf/*`
+(this rank's timings); sample tables and histograms show rank 0's rollout.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_lightning.ppo.advantages import explained_variance, masked_mean
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 from rlhf_lightning.ppo.rollout import Rollout
 
 __all__ = ["iteration_metrics", "sample_rows", "log_histograms"]
 
 
 def iteration_metrics(
-    rollout: Rollout, info: dict, update_stats: dict[str, float], kl_coef: float
+    rollout: Rollout,
+    info: dict,
+    update_stats: dict[str, float],
+    kl_coef: float,
+    ranks: CrossRank = LOCAL,
 ) -> dict[str, float]:
-    """Flat dict of scalar metrics for `self.log_dict`."""
+    """Flat dict of scalar metrics for `self.log_dict`, over the batch of every data-parallel rank
+    (`ranks`; `update_stats` are already global), so every rank gets the same values. Timings
+    (`perf/*`) are this rank's."""
     mask = rollout.response_mask
     lengths = mask.sum(1).float()  # [B]
     seq_kl = (rollout.kl * mask).sum(1)  # [B]
-    metrics = {
-        "objective/reward": float(rollout.scores.mean()),
-        "objective/reward_raw": float(rollout.scores_raw.mean()),
-        "objective/rlhf_reward": float((rollout.scores - kl_coef * seq_kl).mean()),
-        "objective/kl": float(seq_kl.mean()),
-        "objective/kl_coef": float(kl_coef),
-        "objective/entropy": float(masked_mean(rollout.entropy, mask)),
-        "ppo/val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
-        "ppo/returns/mean": float(masked_mean(rollout.returns, mask)),
-        "ppo/advantages/mean": float(masked_mean(rollout.advantages, mask)),
-        "ppo/response_length/mean": float(lengths.mean()),
-        "ppo/response_length/max": float(lengths.max()),
-        "ppo/response/eos_fraction": float(info.get("eos_fraction", float("nan"))),
-    }
-    if info.get("gold") is not None:
-        metrics["objective/gold"] = sum(info["gold"]) / len(info["gold"])
+    gold = info.get("gold")
+    per_sequence = {
+        "objective/reward": rollout.scores,
+        "objective/reward_raw": rollout.scores_raw,
+        "objective/rlhf_reward": rollout.scores - kl_coef * seq_kl,
+        "objective/kl": seq_kl,
+        "ppo/response_length/mean": lengths,
+        "ppo/response/eos_fraction": torch.full_like(lengths, info.get("eos_fraction", math.nan)),
+    }  # name → Float[B]; the metric is the mean over all ranks' sequences
+    counts = [len(rollout), sum(gold) if gold else 0.0, len(gold) if gold else 0]
+    sums = torch.cat(
+        [
+            torch.stack([v.detach().double().sum() for v in per_sequence.values()]),
+            torch.tensor(counts, dtype=torch.float64, device=lengths.device),
+        ]
+    )  # [K + 3]: per-sequence sums, sequences, Σ gold, gold count
+    totals = ranks.sum(sums).tolist()
+    count = totals[len(per_sequence)]
+    metrics = {key: total / count for key, total in zip(per_sequence, totals)}
+    metrics["objective/kl_coef"] = float(kl_coef)
+    metrics["objective/entropy"] = float(masked_mean(rollout.entropy, mask, ranks=ranks))
+    metrics["ppo/val/explained_variance"] = explained_variance(
+        rollout.values, rollout.returns, mask, ranks=ranks
+    )
+    metrics["ppo/returns/mean"] = float(masked_mean(rollout.returns, mask, ranks=ranks))
+    metrics["ppo/advantages/mean"] = float(masked_mean(rollout.advantages, mask, ranks=ranks))
+    metrics["ppo/response_length/max"] = float(ranks.max(lengths.max()))
+    if gold is not None:
+        metrics["objective/gold"] = totals[-2] / totals[-1] if totals[-1] else math.nan
     for key, value in update_stats.items():
         metrics[f"ppo/{key}"] = float(value)
-    total_tokens = float(lengths.sum())
+    _add_timings(metrics, info, float(lengths.sum()))
+    return metrics
+
+
+def _add_timings(metrics: dict[str, float], info: dict, tokens: float) -> None:
+    """`perf/*` of this rank: the step timings, their sum and the rollout throughput."""
     timings = {k: info[k] for k in ("rollout_s", "score_s", "logprob_s", "update_s") if k in info}
     for key, value in timings.items():
         metrics[f"perf/{key}"] = value
     metrics["perf/iteration_s"] = sum(timings.values())
-    metrics["perf/tokens_per_s"] = total_tokens / max(info.get("rollout_s", 0.0), 1e-9)
-    return metrics
+    metrics["perf/tokens_per_s"] = tokens / max(info.get("rollout_s", 0.0), 1e-9)
 
 
 def sample_rows(rollout: Rollout, info: dict, n: int) -> list[dict]:

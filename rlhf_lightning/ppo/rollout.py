@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.kernels import token_logprobs, token_stats
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 
 __all__ = [
     "Rollout",
@@ -318,7 +319,11 @@ def call_reward_fn(
 
 
 class RunningMoments:
-    """Running mean / std of scalar rewards (Chan et al. parallel update); state-dict-able."""
+    """Running mean / std of scalar rewards (Chan et al. parallel update); state-dict-able.
+
+    `update(values, ranks)` merges the batch of every data-parallel rank (`ppo.distributed`), so
+    the moments are those of all rewards seen, the same on every rank and for any world size.
+    """
 
     def __init__(self) -> None:
         self.count = 0
@@ -329,17 +334,20 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
 
-    def update(self, values: torch.Tensor) -> None:
-        n = values.numel()
+    def update(self, values: torch.Tensor, ranks: CrossRank = LOCAL) -> None:
+        """Merge a batch Float[B] (this rank's part of it) into the running moments."""
+        values = values.detach().double().flatten()  # [B]
+        n, total = ranks.sum(torch.stack([values.new_tensor(values.numel()), values.sum()]))
+        n = int(n)
         if n == 0:
             return
-        batch_mean = float(values.mean())
-        batch_m2 = float(((values - batch_mean) ** 2).sum())
-        total = self.count + n
+        batch_mean = float(total) / n
+        batch_m2 = float(ranks.sum(((values - batch_mean) ** 2).sum()))
+        merged = self.count + n
         delta = batch_mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += batch_m2 + delta**2 * self.count * n / total
-        self.count = total
+        self.mean += delta * n / merged
+        self.m2 += batch_m2 + delta**2 * self.count * n / merged
+        self.count = merged
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

@@ -1,7 +1,8 @@
 """Small state helpers of the PPO module: config coercion, vocabulary check, RNG snapshots.
 
 RNG snapshots hold only tensors and plain Python types, so checkpoints that contain them still
-load with `torch.load(weights_only=True)` (Lightning's default for `--ckpt_path`).
+load with `torch.load(weights_only=True)` (Lightning's default for `--ckpt_path`). A checkpoint
+keeps one snapshot per data-parallel rank (`rng_per_rank`); `rank_rng_state` picks this rank's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["coerce_config", "same_vocabulary", "get_rng_state", "set_rng_state"]
+__all__ = ["coerce_config", "same_vocabulary", "get_rng_state", "set_rng_state", "rank_rng_state"]
 
 
 def coerce_config(cls, value):
@@ -53,3 +54,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_rng_state(ppo_state: dict, rank: int, world_size: int) -> dict:
+    """This rank's RNG snapshot from a checkpoint's `ppo_state`; rank 0's (with a warning) when the
+    checkpoint was written by another number of ranks or holds a single snapshot (older files)."""
+    per_rank = ppo_state.get("rng_per_rank") or [ppo_state["rng"]]
+    if len(per_rank) == world_size:
+        return per_rank[rank]
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"checkpoint ppo_state: RNG states of {len(per_rank)} rank(s), resuming on {world_size}; "
+        "every rank continues from rank 0's state, so sampling differs from the saved run"
+    )
+    return per_rank[0]

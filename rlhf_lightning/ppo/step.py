@@ -1,12 +1,19 @@
 """Step 5 of a PPO iteration: `ppo_epochs` × shuffled minibatches × micro-batches.
 
-Per minibatch: every micro-batch's losses are divided by the minibatch's valid-token count (so the
-accumulated gradient is the minibatch token-mean whatever the micro-batch size), backpropagated
-with `manual_backward`; optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; then
-the optimizers and schedulers step (gradients are clipped with `clip_gradients` in the module's
+Per minibatch: optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; every PPO
+micro-batch's losses are divided by the minibatch's valid-token count (so the accumulated gradient
+is the minibatch token-mean whatever the micro-batch size), backpropagated with
+`manual_backward`; then the optimizers and schedulers step (gradients are clipped with `clip_gradients` in the module's
 `on_before_optimizer_step` hook, which Lightning runs after unscaling 16-mixed gradients).
 Before the very first optimizer step the policy must reproduce the rollout's log-probs
 (ratio π/π_old = 1).
+
+Under DDP the divisor is the minibatch's valid-token count averaged over ranks (DDP averages the
+gradients, so the result is the token-mean of the global minibatch), and the minibatch
+statistics, the ratio check and the approx-KL early stop are reduced over ranks
+(`ppo.distributed`), so every rank takes the same decisions. PPO-ptx runs first in each
+minibatch under DDP's `no_sync()` (it does not reach the critic); every rank draws the same
+demonstration batch, so its term equals the single-process one.
 
 References: Schulman et al. 2017 (PPO); Ouyang et al. 2022 (PPO-ptx); Huang et al. 2024,
 "The N+ Implementation Details of RLHF with PPO" (ratio-at-start check, approx-KL early stop).
@@ -14,9 +21,12 @@ References: Schulman et al. 2017 (PPO); Ouyang et al. 2022 (PPO-ptx); Huang et a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhf_lightning.kernels import kl_penalty, token_logprobs
+from rlhf_lightning.ppo.distributed import CrossRank, module_ranks
 from rlhf_lightning.ppo.experience import micro_batches
 from rlhf_lightning.ppo.losses import (
     PPOStats,
@@ -117,6 +127,7 @@ def ppo_update(module, rollout: Rollout) -> dict[str, float]:
             f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
             f"rollout batch size {size}"
         )
+    ranks = module_ranks(module)
     stats = PPOStats()
     extra: dict[str, float] = {"policy/epochs_done": 0.0, "policy/early_stop": 0.0}
     first = True
@@ -126,18 +137,20 @@ def ppo_update(module, rollout: Rollout) -> dict[str, float]:
         order = torch.randperm(size, device=rollout.query_ids.device)
         for chunk in torch.tensor_split(order, upd.num_minibatches):
             mb = rollout.select(chunk)
-            n_tokens = _global_count(module, mb.response_mask.sum())
+            n_tokens = _global_count(ranks, mb.response_mask.sum())
+            if upd.ptx_coef > 0:  # first: the PPO backwards below also average its gradients
+                with _unsynced_gradients(module):
+                    _ptx_backward(module, stats)
             deviation = 0.0
             for part in micro_batches(len(mb), upd.micro_batch_size):
                 micro = mb.select(torch.arange(len(mb), device=chunk.device)[part])
                 deviation += _micro_losses(module, micro, n_tokens, stats)
-            if upd.ptx_coef > 0:
-                _ptx_backward(module, stats)
             if first:
-                _check_ratio(module, stats, deviation / n_tokens, upd.ratio_check_tol)
+                mean_dev = _global_count(ranks, torch.tensor(deviation)) / n_tokens
+                _check_ratio(stats, mean_dev, upd.ratio_check_tol)
                 first = False
             _step_optimizers(module)
-            closed = stats.end_minibatch()
+            closed = stats.end_minibatch(ranks)  # global: the early stop agrees on every rank
             if upd.target_kl is not None and closed["policy/approxkl"] > upd.target_kl:
                 extra["policy/early_stop"] = 1.0
                 break
@@ -150,18 +163,29 @@ def ppo_update(module, rollout: Rollout) -> dict[str, float]:
     return result
 
 
-def _global_count(module, local: torch.Tensor) -> float:
-    """Valid tokens per rank averaged over ranks: DDP averages gradients, so dividing each rank's
-    token sum by this gives Σ over all ranks / total valid tokens (exact token-mean)."""
+def _unsynced_gradients(module):
+    """DDP's `no_sync()` (a null context otherwise) for the PPO-ptx backward, which leaves the
+    critic / value head without gradients — a synchronised DDP backward would fail on those
+    unused parameters. Its gradients stay local and the next synchronised backward (the PPO
+    micro-batches) averages them with everything accumulated."""
+    from torch.nn.parallel import DistributedDataParallel
+
     trainer = getattr(module, "_trainer", None)
-    if trainer is None or trainer.world_size == 1:
-        return float(local)
-    total = trainer.strategy.reduce(local.float(), reduce_op="sum")
-    return float(total) / trainer.world_size
+    wrapped = getattr(trainer.strategy, "model", None) if trainer is not None else None
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
 
 
-def _check_ratio(module, stats: PPOStats, mean_abs_dev: float, tol: float | None) -> None:
-    """Fail loudly when π/π_old ≠ 1 before the first optimizer step."""
+def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:
+    """A per-rank count (or sum) averaged over ranks: DDP averages gradients, so dividing each
+    rank's token sum by this gives Σ over all ranks / total valid tokens (exact token-mean)."""
+    return float(ranks.mean_over_ranks(local.double()))
+
+
+def _check_ratio(stats: PPOStats, mean_abs_dev: float, tol: float | None) -> None:
+    """Fail loudly when π/π_old ≠ 1 before the first optimizer step (`mean_abs_dev` and the
+    ratio statistics are over every rank, so all ranks raise together)."""
     if tol is None or mean_abs_dev <= tol:
         return
     ratio = stats.current.get("policy/ratio_mean", float("nan"))
