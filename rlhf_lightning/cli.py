@@ -5,11 +5,20 @@
     rlhf fit --config ... --print_config                 # show the fully resolved config
     rlhf fit --model SFTModule --model.help SFTModule    # every init option, documented
     rlhf label ...                                       # rank sampled responses (labeling.py)
+    rlhf --debug fit ...   (or RLHF_DEBUG=1 rlhf fit ...)  # full tracebacks instead of one line
 
 Models are given in subclass mode, so `--model SFTModule` (short name) or a full
-class path both work; the data always goes through `RLHFDataModule`. Bad input
-(malformed records, missing files, invalid model specs) ends with one line on
-stderr and exit code 2 instead of a traceback.
+class path both work; the data always goes through `RLHFDataModule`.
+
+Errors end with one line on stderr, `rlhf: error: <what> (<config key>)`, and exit code 2 when
+they are bad input: command-line / config parse errors (jsonargparse), bad records (`file:line`),
+model specs and missing files at any time, and any error raised while the Trainer, model and
+data are built and set up (`configure_model`, dataloaders, checkpoint restore) before the first
+batch starts. Errors after that are program errors and keep their traceback. The config key is
+found from the part that failed (model / data / trainer, from the traceback) and the values or
+key names the message quotes. `--debug` anywhere on the command line, or `RLHF_DEBUG=1`, turns
+this off: the exception propagates with its full traceback (and parse errors print jsonargparse's
+usage text).
 
 References: LightningCLI (https://lightning.ai/docs/pytorch/stable/cli/lightning_cli.html),
 jsonargparse (https://jsonargparse.readthedocs.io).
@@ -22,6 +31,11 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from rlhf_lightning.cli_errors import RunState, debug_switch, error_line, reportable
+
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Stage modules registered for short names. Modules not written yet are tolerated.
 STAGE_MODULES = (
@@ -45,24 +59,19 @@ def register_stage_modules() -> list[str]:
     return loaded
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad user input (reported in one line, exit code 2)."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
-    try:
-        from rlhf_lightning.data.records import RecordError
-
-        errors.append(RecordError)
-    except ModuleNotFoundError:
-        pass
-    from rlhf_lightning.models.loading import ModelSpecError
-
-    errors.append(ModelSpecError)
-    return tuple(errors)
-
-
-def _make_cli_class():
-    from lightning.pytorch import LightningModule
+# ------------------------------------------------------------------ the LightningCLI
+def _make_cli_class(state: RunState | None):
+    from lightning.pytorch import Callback, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    class StepWatch(Callback):
+        """Marks the start of the first batch: later errors are not config errors."""
+
+        def _began(self, *args, **kwargs) -> None:
+            state.stepping = True
+
+        on_train_batch_start = on_validation_batch_start = _began
+        on_test_batch_start = on_predict_batch_start = _began
 
     class RLHFCLI(LightningCLI):
         """LightningCLI with subclass-mode models and the shared RLHFDataModule."""
@@ -70,13 +79,26 @@ def _make_cli_class():
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults({"trainer.logger": _default_logger()})
 
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            if state is not None:
+                sub = self.config.get("subcommand")
+                state.config = self.config.get(sub) if sub else self.config
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            if state is not None:
+                trainer.callbacks.append(StepWatch())
+            return trainer
+
     return RLHFCLI, LightningModule
 
 
 _DESCRIPTION = (
     "RLHF stages on PyTorch Lightning: `rlhf fit|validate --config X.yaml` trains/evaluates a "
     "stage (--model SFTModule|RewardModule|PPOModule); `rlhf label --config X.yaml` ranks "
-    "sampled responses with a labeler."
+    "sampled responses with a labeler. Errors are one line; `--debug` or RLHF_DEBUG=1 shows "
+    "the traceback."
 )
 
 
@@ -87,15 +109,23 @@ def _default_logger() -> dict:
     }
 
 
-def run_cli(args: Sequence[str] | None = None, *, run: bool = True):
-    """Build (and by default run) the LightningCLI on `args`; returns the CLI object."""
+def run_cli(args: Sequence[str] | None = None, *, run: bool = True, state: RunState | None = None):
+    """Build (and by default run) the LightningCLI on `args`; returns the CLI object.
+
+    With a `state` (as `main` passes), its config and progress are recorded there, and with
+    `state.one_line` parse errors raise `jsonargparse.ArgumentError` instead of exiting.
+    """
     from jsonargparse import set_parsing_settings
 
     from rlhf_lightning.data.datamodule import RLHFDataModule
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     register_stage_modules()
-    cli_class, base = _make_cli_class()
+    cli_class, base = _make_cli_class(state)
+    parser_kwargs: dict[str, Any] = {"prog": "rlhf", "description": _DESCRIPTION}
+    if state is not None and state.one_line:
+        parser_kwargs["exit_on_error"] = False
+        parser_kwargs.update({sub: {"exit_on_error": False} for sub in _SUBCOMMANDS})
     with warnings.catch_warnings():
         # In-process callers pass `args` on purpose; Lightning warns when sys.argv is also set.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -105,13 +135,13 @@ def run_cli(args: Sequence[str] | None = None, *, run: bool = True):
             subclass_mode_model=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "rlhf", "description": _DESCRIPTION},
+            parser_kwargs=parser_kwargs,
             args=list(args) if args is not None else None,
             run=run,
         )
 
 
-def _label(argv: list[str]) -> int:
+def _label(argv: list[str], state: RunState) -> int:
     try:
         labeling = importlib.import_module("rlhf_lightning.labeling")
     except ModuleNotFoundError as err:
@@ -119,7 +149,7 @@ def _label(argv: list[str]) -> int:
             raise
         print("rlhf label: not available in this installation", file=sys.stderr)
         return 2
-    result = labeling.main(argv)
+    result = labeling.main(argv, run_state=state)
     return result if isinstance(result, int) else 0
 
 
@@ -136,20 +166,18 @@ def check_config_paths(args: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: `rlhf label ...` or a LightningCLI subcommand."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    input_errors = _input_errors()
+    """Console entry point: `rlhf label ...` or a LightningCLI subcommand; returns the exit code."""
+    debug, args = debug_switch(sys.argv[1:] if argv is None else argv)
+    state = RunState(one_line=not debug)
     try:
         check_config_paths(args)
         if args and args[0] == "label":
-            return _label(args[1:])
-        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-        run_cli(None if argv is None else args)
-    except input_errors as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        if isinstance(err, FileNotFoundError) and err.filename:
-            message = f"{err.filename}: {err.strerror or message}"
-        print(f"rlhf: error: {message}", file=sys.stderr)
+            return _label(args[1:], state)
+        run_cli(args, state=state)
+    except Exception as err:
+        if debug or not reportable(err, state):
+            raise
+        print(f"rlhf: error: {error_line(err, state)}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lightning.data.records import Messages
+from rlhf_lightning.data.records import Messages, RecordError
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.data.templates import render_plain, render_prompt, response_separator
 from rlhf_lightning.models.loading import ModelSpec
@@ -127,7 +127,7 @@ class LookupLabeler:
     """Scores typed in by people: a JSONL file of `{"prompt", "response", "score"}` rows.
 
     Pairs without a score are written to `<path>.todo.jsonl` (score null) for people to fill
-    in and merge into `path`; labelling then stops with a one-line error.
+    in and merge into `path`; labelling then stops with a one-line error (`RecordError`).
     """
 
     def __init__(self, path: str):
@@ -135,13 +135,17 @@ class LookupLabeler:
         self.table: dict[tuple[str, str], float] = {}
         if self.path.exists():
             for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                for key in ("prompt", "response", "score"):
-                    if row.get(key) is None:
-                        raise ValueError(f"{self.path}:{n}: field '{key}' is missing")
-                self.table[(row["prompt"], row["response"])] = float(row["score"])
+                if line.strip():
+                    self._add(json_row(line, f"{self.path}:{n}"), f"{self.path}:{n}")
+
+    def _add(self, row: dict, where: str) -> None:
+        for key in ("prompt", "response", "score"):
+            if row.get(key) is None:
+                raise RecordError(f"{where}: field '{key}' is missing")
+        score = row["score"]
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise RecordError(f"{where}: field 'score' must be a number (got {score!r})")
+        self.table[(row["prompt"], row["response"])] = float(score)
 
     def score_batch(self, prompts: list[str], responses: list[str]) -> list[float]:
         missing = [(p, r) for p, r in zip(prompts, responses) if (p, r) not in self.table]
@@ -150,8 +154,21 @@ class LookupLabeler:
             with todo.open("a") as fh:
                 for p, r in missing:
                     fh.write(json.dumps({"prompt": p, "response": r, "score": None}) + "\n")
-            raise KeyError(f"{self.path}: {len(missing)} responses have no score; listed in {todo}")
+            raise RecordError(
+                f"{self.path}: {len(missing)} responses have no score; listed in {todo}"
+            )
         return [self.table[(p, r)] for p, r in zip(prompts, responses)]
+
+
+def json_row(line: str, where: str) -> dict:
+    """One JSONL line as a dict, or a one-line `RecordError` naming `where`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: expected a JSON object (got {type(row).__name__})")
+    return row
 
 
 def load_labeler(
@@ -237,10 +254,19 @@ def rank_row(messages: Messages, responses: list[str], scores: list[float]) -> d
     return {"prompt": prompt, "responses": [r for r, _ in order], "scores": [s for _, s in order]}
 
 
-def label(cfg: LabelConfig) -> dict:
-    """Run the collection; returns a summary dict (also printed by `main`)."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Session:
+    """Everything `label` needs once the config is checked: tokenizer, model, scorer, batches."""
 
+    tokenizer: object
+    model: torch.nn.Module
+    scorer: Callable[[list[str], list[str]], list[float]]
+    loaders: list
+    total: int
+
+
+def _prepare(cfg: LabelConfig) -> _Session:
+    """Load prompts, tokenizer, policy and labeler (errors here are config errors)."""
     from rlhf_lightning.data.datamodule import RLHFDataModule
     from rlhf_lightning.models.loading import load_causal_lm
 
@@ -261,65 +287,89 @@ def label(cfg: LabelConfig) -> dict:
         seed=cfg.seed,
     )
     tokenizer = dm.tokenizer
-    model = (
-        load_causal_lm(cfg.policy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        .to(cfg.device)
-        .eval()
+    model = load_causal_lm(
+        cfg.policy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
     )
     scorer = load_labeler(cfg.labeler, cfg.labeler_args)
-    batches = [dm.dataloader("prompt", "train", shuffle=False)]
+    loaders = [dm.dataloader("prompt", "train", shuffle=False)]
     if dm.records("prompt", "val"):
-        batches.append(dm.dataloader("prompt", "val", shuffle=False))
-    total = sum(len(b.dataset) for b in batches)
+        loaders.append(dm.dataloader("prompt", "val", shuffle=False))
+    total = sum(len(loader.dataset) for loader in loaders)
     if cfg.limit is not None:
         total = min(total, cfg.limit)
+    return _Session(tokenizer, model.to(cfg.device).eval(), scorer, loaders, total)
+
+
+def _write_batch(fh, session: _Session, cfg: LabelConfig, batch: dict, summary: dict) -> int:
+    """Sample, score and write one prompt batch (at most the prompts still wanted)."""
+    room = session.total - summary["prompts"]
+    seed = cfg.seed + summary["prompts"]
+    responses = sample_responses(session.model, session.tokenizer, batch, cfg, seed)
+    messages = batch["prompt_messages"][:room]
+    flat_p = [prompt_for_labeler(m) for m, rs in zip(messages, responses) for _ in rs]
+    flat_r = [r for rs in responses[: len(messages)] for r in rs]
+    scores = session.scorer(flat_p, flat_r)
+    k = cfg.num_responses
+    for i, msgs in enumerate(messages):
+        rs, ss = responses[i], scores[i * k : (i + 1) * k]
+        row = rank_row(msgs, rs, ss)
+        if row is None:
+            summary["all_tied"] += 1
+        else:
+            summary["responses_dropped"] += len(rs) - len(row["responses"])
+            fh.write(json.dumps(row) + "\n")
+            summary["written"] += 1
+    summary["prompts"] += len(messages)
+    return len(messages)
+
+
+def label(cfg: LabelConfig, run_state=None) -> dict:
+    """Run the collection; returns a summary dict (also printed by `main`).
+
+    `run_state` (from the `rlhf` CLI) gets `stepping = True` once loading is done and
+    sampling starts: errors before that are reported as config errors.
+    """
+    from tqdm.auto import tqdm
+
+    session = _prepare(cfg)
+    if run_state is not None:
+        run_state.stepping = True
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"prompts": 0, "written": 0, "all_tied": 0, "responses_dropped": 0, "out": str(out)}
-    with out.open("w") as fh, tqdm(total=total, desc="label", unit="prompt") as bar:
-        for batch in (b for loader in batches for b in loader):
-            room = total - summary["prompts"]
-            if room <= 0:
+    with out.open("w") as fh, tqdm(total=session.total, desc="label", unit="prompt") as bar:
+        for batch in (b for loader in session.loaders for b in loader):
+            if summary["prompts"] >= session.total:
                 break
-            responses = sample_responses(
-                model, tokenizer, batch, cfg, cfg.seed + summary["prompts"]
-            )
-            messages = batch["prompt_messages"][:room]
-            flat_p = [prompt_for_labeler(m) for m, rs in zip(messages, responses) for _ in rs]
-            flat_r = [r for rs in responses[: len(messages)] for r in rs]
-            scores = scorer(flat_p, flat_r)
-            k = cfg.num_responses
-            for i, msgs in enumerate(messages):
-                rs, ss = responses[i], scores[i * k : (i + 1) * k]
-                row = rank_row(msgs, rs, ss)
-                if row is None:
-                    summary["all_tied"] += 1
-                else:
-                    summary["responses_dropped"] += len(rs) - len(row["responses"])
-                    fh.write(json.dumps(row) + "\n")
-                    summary["written"] += 1
-            summary["prompts"] += len(messages)
-            bar.update(len(messages))
+            bar.update(_write_batch(fh, session, cfg, batch, summary))
     return summary
 
 
-def build_parser():
-    """jsonargparse parser: `--config file.yaml` plus one flag per `LabelConfig` key."""
+def build_parser(exit_on_error: bool = True):
+    """jsonargparse parser: `--config file.yaml` plus one flag per `LabelConfig` key.
+
+    With `exit_on_error=False` parse errors raise `jsonargparse.ArgumentError` (the `rlhf` CLI
+    reports them in one line) instead of printing the usage and exiting.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="rlhf label", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        prog="rlhf label", description=__doc__.split("\n\n")[0], exit_on_error=exit_on_error
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the keys below")
     parser.add_class_arguments(LabelConfig)
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Entry of `rlhf label ...`."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, run_state=None) -> dict:
+    """Entry of `rlhf label ...`; `run_state` is the `rlhf` CLI's `RunState` (when run from it)."""
+    parser = build_parser(exit_on_error=run_state is None or not run_state.one_line)
     cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if run_state is not None:
+        run_state.config = cfg
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in vars(init).items() if k != "config"}
-    summary = label(LabelConfig(**kwargs))
+    summary = label(LabelConfig(**kwargs), run_state)
     print(json.dumps(summary))
     return summary
 

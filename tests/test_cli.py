@@ -111,7 +111,9 @@ def test_bad_record_gives_one_line_file_line_error(sft_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("rlhf: error:")]
-    assert lines == [f"rlhf: error: {bad}:3: field 'response' is missing"]
+    assert lines == [
+        f"rlhf: error: {bad}:3: field 'response' is missing (data.demonstrations.path)"
+    ]
 
 
 def test_missing_config_and_model_path_errors(tmp_path, capsys):
@@ -138,7 +140,7 @@ def test_print_config_and_model_help(capsys):
 def test_label_subcommand_dispatch(monkeypatch, capsys):
     seen = {}
     fake = types.ModuleType("rlhf_lightning.labeling")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and {"written": 1}
+    fake.main = lambda argv, run_state: seen.setdefault("argv", argv) and {"written": 1}
     monkeypatch.setitem(sys.modules, "rlhf_lightning.labeling", fake)
     assert cli.main(["label", "--num_responses", "4"]) == 0
     assert seen["argv"] == ["--num_responses", "4"]

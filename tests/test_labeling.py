@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_lightning.data.datamodule import RLHFDataModule
+from rlhf_lightning.data.records import RecordError
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.labeling import LookupLabeler, RewardModelLabeler, load_labeler, main, rank_row
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
@@ -91,12 +92,18 @@ def test_lookup_labeler_scores_and_lists_missing(tmp_path):
     table.write_text(json.dumps({"prompt": "p", "response": "good", "score": 2}) + "\n")
     scorer = load_labeler("rlhf_lightning.labeling:LookupLabeler", {"path": str(table)})
     assert scorer(["p"], ["good"]) == [2.0]
-    with pytest.raises(KeyError, match="1 responses have no score"):
+    with pytest.raises(RecordError, match=r"human.jsonl: 1 responses have no score; listed in "):
         scorer(["p", "p"], ["good", "bad"])
     todo = [json.loads(x) for x in (tmp_path / "human.jsonl.todo.jsonl").read_text().splitlines()]
     assert todo == [{"prompt": "p", "response": "bad", "score": None}]
     table.write_text(json.dumps({"prompt": "p", "response": "good"}) + "\n")
-    with pytest.raises(ValueError, match="human.jsonl:1: field 'score' is missing"):
+    with pytest.raises(RecordError, match="human.jsonl:1: field 'score' is missing"):
+        LookupLabeler(str(table))
+    table.write_text('\n{"prompt": "p", "response": "good", "score": "high"}\n{oops\n')
+    with pytest.raises(RecordError, match=r"human.jsonl:2: field 'score' must be a number \(got 'high'\)"):  # fmt: skip
+        LookupLabeler(str(table))
+    table.write_text('{"prompt": "p", "response": "good", "score": 1}\n{oops\n')
+    with pytest.raises(RecordError, match=r"human.jsonl:2: invalid JSON \(Expecting property name"):  # fmt: skip
         LookupLabeler(str(table))
 
 

@@ -8,7 +8,9 @@ demand through `dataloader(kind, split)` (PPO-ptx uses demonstrations next to it
 
 Nothing is dropped silently: malformed rows (only with `on_invalid: skip`), left-truncated
 prompts and records too long to fit are counted in `dm.stats` and announced with one rank-zero
-warning per (kind, split).
+warning per (kind, split). A source, or a split of it, left without any record (an empty file,
+every row malformed under `on_invalid: skip`, every record too long) stops at `setup()` /
+dataset build with a `RecordError` naming it and the counts ("no usable records").
 
 References: Lightning DataModule (https://lightning.ai/docs/pytorch/stable/data/datamodule.html);
 batch layouts and field conventions in `collate.py` and `records.py`.
@@ -28,7 +30,15 @@ from rlhf_lightning.models.loading import resolve_source
 from .collate import COLLATORS
 from .records import KINDS, RecordError, check_kind, parse_record
 from .sampling import EpochShuffleSampler, ResumableDataLoader
-from .sources import DataSource, memory_rows, read_rows, split_indices, take
+from .sources import (
+    DataSource,
+    memory_rows,
+    no_usable_records,
+    read_rows,
+    rows_name,
+    split_indices,
+    take,
+)
 from .templates import Tokenizing, TokenStats
 
 SPLITS = ("train", "val")
@@ -153,8 +163,11 @@ class RLHFDataModule(pl.LightningDataModule):
             self.stats.setdefault(kind, {})["read"] = read
         self._records = records
 
-    def _parse(self, kind: str, source: DataSource, rows) -> tuple[list, dict[str, int]]:
-        """Parse rows; bad rows raise, or are counted and warned about with on_invalid=skip."""
+    def _parse(self, kind: str, source: DataSource, rows, name: str) -> tuple[list, dict[str, int]]:
+        """Parse rows; bad rows raise, or are counted and warned about with on_invalid=skip.
+
+        A source left without records (empty, or every row skipped) raises, naming it (`name`).
+        """
         out, errors, n_rows = [], [], 0
         for where, raw in take(rows, source.limit):
             n_rows += 1
@@ -166,6 +179,8 @@ class RLHFDataModule(pl.LightningDataModule):
                 if source.on_invalid == "raise":
                     raise
                 errors.append(str(err))
+        if not out:
+            raise no_usable_records(name, n_rows, errors)
         if errors:
             first = "; ".join(errors[:3])
             rank_zero_warn(
@@ -178,12 +193,25 @@ class RLHFDataModule(pl.LightningDataModule):
             return memory_rows(source.records or [])
         return read_rows(path, split, source.subset)
 
+    def _split_name(self, kind: str, split: str) -> str:
+        """The source of one split in messages: a path, `dataset[split]`, or the config key."""
+        source = self.sources[kind]
+        spec, hf_split = source.path, source.split
+        if split == "val" and (source.val_path or source.val_split):
+            spec = source.val_path or source.path
+            hf_split = source.val_split or source.split
+        name = f"data.{_SOURCE_ARG[kind]}.records" if spec is None else rows_name(spec, hf_split)
+        held_out = split == "val" and not (source.val_path or source.val_split)
+        return f"{name} (val_fraction split)" if held_out else name
+
     def _load_source(self, kind: str, source: DataSource) -> tuple[list, list, dict[str, int]]:
-        train, read = self._parse(kind, source, self._rows(source, source.path, source.split))
+        rows = self._rows(source, source.path, source.split)
+        train, read = self._parse(kind, source, rows, self._split_name(kind, "train"))
         val_spec = source.val_path or (source.val_split and source.path)
         if val_spec:
             val_split = source.val_split or source.split
-            val, val_read = self._parse(kind, source, self._rows(source, val_spec, val_split))
+            rows = self._rows(source, val_spec, val_split)
+            val, val_read = self._parse(kind, source, rows, self._split_name(kind, "val"))
             read = {key: read[key] + val_read[key] for key in read}
             return train, val, read
         train_idx, val_idx = split_indices(len(train), source.val_fraction, self.seed)
@@ -216,6 +244,9 @@ class RLHFDataModule(pl.LightningDataModule):
             examples = tokenizing.tokenize(kind, records, stats)
             self.stats.setdefault(kind, {})[split] = stats.as_dict()
             self._warn(kind, split, stats)
+            error = stats.nothing_left(self._split_name(kind, split), self.max_length)
+            if error is not None:
+                raise error
             self._datasets[key] = ListDataset(examples)
         return self._datasets[key]
 
@@ -235,13 +266,18 @@ class RLHFDataModule(pl.LightningDataModule):
         split: str = "train",
         batch_size: int | None = None,
         shuffle: bool | None = None,
+        shard: tuple[int, int] = (1, 0),
     ) -> DataLoader:
-        """A DataLoader over any kind and split; shuffles (seeded) the train split by default."""
+        """A DataLoader over any kind and split; shuffles (seeded) the train split by default.
+        `shard` = (ranks, rank): serve that data-parallel rank's share (the Trainer's loaders)."""
         dataset = self.dataset(kind, split)
         if batch_size is None:
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
         shuffle = split == "train" if shuffle is None else shuffle
-        sampler = EpochShuffleSampler(len(dataset), seed=self.seed, shuffle=shuffle)
+        ranks, rank = shard
+        sampler = EpochShuffleSampler(
+            len(dataset), seed=self.seed, shuffle=shuffle, num_replicas=ranks, rank=rank
+        )
         pad_id = self.tokenizer.pad_token_id
         return ResumableDataLoader(
             dataset,
@@ -265,7 +301,7 @@ class RLHFDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches of the attached module's `data_kind`; resumes mid-epoch exactly."""
-        loader = self.dataloader(self._trainer_kind(), "train")
+        loader = self.dataloader(self._trainer_kind(), "train", shard=self._trainer_shard())
         loader.consumed = self._batches_consumed_in_epoch
         if self._resume_state is not None:
             # Lightning restores loader states only for a loader built after the checkpoint is
@@ -296,4 +332,8 @@ class RLHFDataModule(pl.LightningDataModule):
         kind = self._trainer_kind()
         if not self.records(kind, "val"):
             return []
-        return self.dataloader(kind, "val")
+        return self.dataloader(kind, "val", shard=self._trainer_shard())
+
+    def _trainer_shard(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached Trainer: each DDP rank reads its share."""
+        return (getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0))

@@ -13,7 +13,8 @@ Accepted layouts (field names follow TRL's dataset conventions, plus our own):
 * preference: `prompt`+`chosen`+`rejected` (+`margin`), `prompt`+`responses` (a ranking,
   best→worst, K ≥ 2), implicit-prompt `chosen`/`rejected` message lists, and Anthropic HH
   transcripts (`chosen`/`rejected` strings, split at the last "\\n\\nAssistant:" of their
-  shared prefix).
+  shared prefix). The responses of one record must differ after `.strip()` (an identical pair
+  carries no preference; a repeated ranking entry would rank a response above itself).
 * prompt: `prompt`, or the prompt part of any layout above.
 
 References: TRL dataset formats (https://huggingface.co/docs/trl/dataset_formats);
@@ -243,6 +244,21 @@ def _ranking(row: _Row) -> tuple[str, ...]:
     return tuple(_response_text(row, f"responses[{i}]", v) for i, v in enumerate(value))
 
 
+def _check_distinct(row: _Row, responses: tuple[str, ...], ranking: bool) -> None:
+    """Raise when two responses are equal after `.strip()`: such a pair carries no preference."""
+    first_seen: dict[str, int] = {}
+    for i, response in enumerate(responses):
+        j = first_seen.setdefault(response.strip(), i)
+        if j == i:
+            continue
+        if ranking:
+            raise row.error(
+                f"responses[{i}]",
+                f"is identical to 'responses[{j}]' (a response cannot rank above itself)",
+            )
+        raise row.error("rejected", f"is identical to '{row.name('chosen')}' (no preference)")
+
+
 PREFERENCE_LAYOUTS = "'prompt'+'chosen'+'rejected', 'prompt'+'responses', or HH 'chosen'+'rejected'"
 DEMONSTRATION_LAYOUTS = (
     "'prompt'+'response', 'prompt'+'completion', 'messages', 'instruction'+'output' "
@@ -254,7 +270,8 @@ def _is_preference(row: _Row) -> bool:
     return row.has("responses") or row.has("chosen") or row.has("rejected")
 
 
-def _comparison(row: _Row) -> Comparison:
+def _comparison_fields(row: _Row) -> Comparison:
+    """Any preference layout as a Comparison (responses not yet checked to differ)."""
     if row.has("responses"):
         return Comparison(_prompt(row), _ranking(row), _margin(row))
     if row.has("chosen") or row.has("rejected"):
@@ -263,6 +280,12 @@ def _comparison(row: _Row) -> Comparison:
     if row.has("prompt"):
         raise row.error("chosen", "is missing")
     raise row.layout_error("preference", PREFERENCE_LAYOUTS)
+
+
+def _comparison(row: _Row) -> Comparison:
+    comparison = _comparison_fields(row)
+    _check_distinct(row, comparison.responses, ranking=row.has("responses"))
+    return comparison
 
 
 def _alpaca_prompt(row: _Row) -> Messages:
@@ -280,8 +303,8 @@ def _alpaca_prompt(row: _Row) -> Messages:
 def _demonstration(row: _Row) -> Demonstration:
     if row.has("messages"):
         return Demonstration(*_split_messages(row, "messages", row.get("messages")))
-    if _is_preference(row):
-        best = _comparison(row)
+    if _is_preference(row):  # the best response is a demonstration even if others repeat it
+        best = _comparison_fields(row)
         return Demonstration(best.prompt, best.responses[0])
     if row.has("prompt"):
         key = "completion" if row.has("completion") else "response"

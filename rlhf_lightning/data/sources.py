@@ -11,7 +11,9 @@ yielded with a location string used in error messages:
 A `.json` file whose first non-blank character is `[` is read as an array of objects; any other
 `.json` file is read as JSON lines. File-level problems (missing file, unsupported extension,
 unreadable gzip/parquet) always raise; row-level problems (invalid JSON, non-UTF-8 bytes, bad
-fields) raise unless `on_invalid="skip"`, in which case they are counted and warned about.
+fields) raise unless `on_invalid="skip"`, in which case they are counted and warned about. A
+source that yields no record at all (an empty file, or every row skipped) is an error that names
+it and the counts (`no_usable_records`).
 
 References: Hugging Face `datasets.load_dataset` / `load_from_disk`
 (https://huggingface.co/docs/datasets/loading).
@@ -207,6 +209,36 @@ def read_rows(spec: str, split: str = "train", subset: str | None = None) -> Ite
     dataset = _hf_dataset(spec, split, subset)
     for i, row in enumerate(dataset):
         yield f"{spec}[{split}]:row {i}", row
+
+
+def rows_name(spec: str, split: str = "train") -> str:
+    """How `read_rows(spec, split)` names its source: the path, or `name[split]` for a dataset."""
+    path = Path(spec).expanduser()
+    if path.is_file() or (not path.exists() and _looks_local(spec)):
+        return spec
+    return f"{spec}[{split}]"
+
+
+def _reason(message: str) -> str:
+    """A row error without its location and trailing details: what kind of problem it is."""
+    problem = message.split(": ", 1)[-1]
+    return problem.split(" (", 1)[0] if problem.endswith(")") else problem
+
+
+def no_usable_records(name: str, rows: int, errors: list[str]) -> RecordError:
+    """The error for a source that yields no record: rows read and skipped, by reason."""
+    if not rows:
+        return RecordError(f"{name}: no usable records (0 rows read)")
+    reasons: dict[str, int] = {}
+    for message in errors:
+        reasons[_reason(message)] = reasons.get(_reason(message), 0) + 1
+    common = sorted(reasons.items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{n}× {reason}" for reason, n in common[:3])
+    more = f", {len(common) - 3} other reasons" if len(common) > 3 else ""
+    read = f"{rows} row{'s' if rows != 1 else ''} read"
+    return RecordError(
+        f"{name}: no usable records ({read}, {len(errors)} skipped as malformed: {listed}{more})"
+    )
 
 
 def memory_rows(records: list[dict]) -> Iterator[Row]:

@@ -72,6 +72,16 @@ class TokenStats:
             "used": self.records - self.skipped,
         }
 
+    def nothing_left(self, name: str, max_length: int) -> RecordError | None:
+        """The error when records came in but every one was skipped as too long, else None."""
+        if not self.records or self.skipped < self.records:
+            return None
+        return RecordError(
+            f"{name}: no usable records ({self.records} record{'s' if self.records != 1 else ''}, "
+            "all skipped: their responses "
+            f"alone + EOS leave no room for a prompt token within max_length={max_length})"
+        )
+
 
 class Tokenizing:
     """Turns records into token-id examples under the truncation policy."""

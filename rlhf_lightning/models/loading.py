@@ -147,10 +147,30 @@ def _pretrained_args(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
                 raise ModelSpecError(f"model field 'gguf_file': no such file {spec.gguf_file}")
             source, gguf = str(gguf.parent), Path(gguf.name)
         kwargs["gguf_file"] = str(gguf)
-    local = Path(source)
-    if local.exists() and not local.is_dir():
-        raise ModelSpecError(f"model field 'name_or_path': {source} is a file, not a directory")
+    _check_local(Path(source).expanduser(), source, bool(spec.gguf_file))
     return source, kwargs
+
+
+def _looks_like_path(source: str) -> bool:
+    """A spec that cannot be a hub id ('name' or 'org/name'), so it must be a local folder."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith("/")
+
+
+def _check_local(local: Path, source: str, gguf: bool) -> None:
+    """One-line errors for local folders that are missing or hold no model."""
+    field = "model field 'name_or_path'"
+    if not local.exists():
+        if _looks_like_path(source):
+            raise ModelSpecError(f"{field}: cannot load {source!r}: no such directory")
+        return  # a hub id
+    if not local.is_dir():
+        raise ModelSpecError(f"{field}: {source} is a file, not a directory")
+    markers = ("config.json", "adapter_config.json")
+    if not gguf and not any((local / name).is_file() for name in markers):
+        raise ModelSpecError(
+            f"{field}: cannot load {source!r}: no config.json (not a save_pretrained folder; "
+            "set 'gguf_file' for a GGUF model)"
+        )
 
 
 def _finish(model: PreTrainedModel, spec: ModelSpec, task_type: str) -> PreTrainedModel:

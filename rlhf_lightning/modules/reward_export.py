@@ -27,6 +27,12 @@ from rlhf_lightning.models.heads import last_token_index
 STATS_FILE = "reward_stats.json"
 RM_PAD_TOKEN = "<|reward_pad|>"
 _HEAD_NAMES = ("score", "classifier")
+# What `export_reward_model` writes (any one name of each group): config, weights, tokenizer.
+EXPORT_FILES = (
+    ("config.json",),
+    ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    ("tokenizer.json", "tokenizer_config.json"),
+)
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -138,8 +144,15 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     export_dir = Path(export_dir)
-    if not (export_dir / "config.json").exists():
-        raise FileNotFoundError(f"{export_dir}: not a reward-model export (config.json missing)")
+    missing = [
+        " or ".join(names)
+        for names in EXPORT_FILES
+        if not any((export_dir / name).is_file() for name in names)
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{export_dir}: not a reward-model export (missing {'; '.join(missing)})"
+        )
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForSequenceClassification.from_pretrained(export_dir, num_labels=1, **kwargs)
     model.to(device).eval().requires_grad_(False)

@@ -150,6 +150,11 @@ BAD = [
     ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}] * 2}, "demonstration", "field 'completion' must be a string or a single assistant message (got a list of 2)"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "response": "r"}, "demonstration", "field 'prompt' must not end with an assistant turn"),
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, "preference", "field 'rejected' has a different conversation before its last turn than 'chosen'"),
+    ({"prompt": "q", "chosen": "same", "rejected": " same\n"}, "preference", "field 'rejected' is identical to 'chosen' (no preference)"),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant:  same "}, "preference", "field 'rejected' is identical to 'chosen' (no preference)"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a "}]}, "preference", "field 'rejected' is identical to 'chosen' (no preference)"),
+    ({"prompt": "q", "responses": ["a", "a", "b"]}, "preference", "field 'responses[1]' is identical to 'responses[0]' (a response cannot rank above itself)"),
+    ({"prompt": "q", "responses": ["a", "b", "c", " b"]}, "preference", "field 'responses[3]' is identical to 'responses[1]' (a response cannot rank above itself)"),
 ]  # fmt: skip
 
 
@@ -170,3 +175,15 @@ def test_unrecognised_layout_and_non_object():
         parse_record([1, 2], "prompt", "d.json:row 0")
     with pytest.raises(ValueError, match="unknown data kind 'sft'"):
         parse_record({}, "sft", W)
+
+
+def test_identical_responses_name_the_users_columns_and_still_make_a_demonstration():
+    fields = {"chosen": "good", "rejected": "bad"}
+    raw = {"prompt": "q", "good": "same", "bad": "same"}
+    with pytest.raises(RecordError, match=r"^train.jsonl:7: field 'bad' is identical to 'good' "):
+        parse_record(raw, "preference", W, fields)
+    # As a demonstration only the best response is used, so the repeat does not matter.
+    assert parse_record(raw, "demonstration", W, fields) == Demonstration(user("q"), "same")
+    ranking = {"prompt": "q", "responses": ["a", "a"]}
+    assert parse_record(ranking, "demonstration", W) == Demonstration(user("q"), "a")
+    assert parse_record(ranking, "prompt", W) == PromptRecord(user("q"))
