@@ -13,10 +13,11 @@ copy of the policy). Reported per iteration (median over the iterations after a 
 values), `update_s` (PPO epochs), `iteration_s` (wall time of the whole training step) and
 tokens/s (response tokens per second of iteration; `gen_tokens_per_s` per second of rollout).
 
-`--compare-trl` first runs `trl_ppo_baseline.py` with the TRL interpreter (`--trl-python`,
-default /work/venvs/trl/bin/python; see benchmarks/TRL.md) in a subprocess, then PPOModule in this
-process, and prints both with the ratio ours / TRL (issue #5 target: ≤ 0.5). `--profile DIR`
-records one extra iteration with `torch.profiler` (excluded from the medians) as a TensorBoard
+`--compare-trl` first runs `trl_ppo_baseline.py` with the TRL interpreter (`--trl-python`, else
+`$RLHF_TRL_PYTHON`, else `.venv-trl/bin/python`; `--setup-trl` creates a missing one: see
+`benchmarks/trl_env.py` and benchmarks/TRL.md) in a subprocess, then PPOModule in this process,
+and prints both with the ratio ours / TRL (issue #5 target: ≤ 0.5). `--profile DIR` records one
+extra iteration with `torch.profiler` (excluded from the medians) as a TensorBoard
 trace: `tensorboard --logdir DIR` (needs the `torch-tb-profiler` plugin; the `*.pt.trace.json`
 file also opens in Perfetto / chrome://tracing). Rows go to `benchmarks/results/ppo_step.csv`.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import json
 import os
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import trl_env
+from benchmarks.results_io import append_csv, git_sha, utc_timestamp
 from benchmarks.trl_ppo_baseline import (
     RESULTS,
     Workload,
@@ -53,7 +55,6 @@ from benchmarks.trl_ppo_baseline import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL_PYTHON = "/work/venvs/trl/bin/python"
 CSV_PATH = RESULTS / "ppo_step.csv"
 PHASES = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
 
@@ -81,7 +82,7 @@ def _reward_export(work: Workload, tokenizer, out_dir: Path) -> Path:
     """A random-init sequence classifier of the workload shape, exported like the RM stage does."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_lightning.modules.reward_export import export_reward_model
+    from rlhf_lightning.models.reward_export import export_reward_model
 
     torch.manual_seed(work.seed + 1)
     rm = AutoModelForSequenceClassification.from_config(llama_config(work, num_labels=1))
@@ -216,9 +217,7 @@ def run_ours(work: Workload, profile_dir: Path | None = None) -> dict:
 
 
 def run_trl(work: Workload, python: str, out: Path) -> dict:
-    """Run `trl_ppo_baseline.py` in the TRL interpreter; its JSON result."""
-    if not Path(python).exists():
-        raise SystemExit(f"--trl-python: {python} does not exist (set up the TRL venv: TRL.md)")
+    """Run `trl_ppo_baseline.py` in the TRL interpreter `python`; its JSON result."""
     cmd = [
         python,
         str(ROOT / "benchmarks" / "trl_ppo_baseline.py"),
@@ -243,47 +242,30 @@ def _fmt(row: dict) -> str:
     return " ".join(f"{k}={row[k]:.2f}" for k in PHASES if k in row)
 
 
-def _git_sha() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
-
-    sha = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
-
-
-def append_csv(rows: list[dict], path: Path = CSV_PATH) -> None:
-    """Append result rows (one per implementation) to the CSV, writing a header when new."""
-    fields = [
-        "timestamp_utc",
-        "git_sha",
-        "impl",
-        "version",
-        "layers",
-        "hidden",
-        "batch_size",
-        "prompt_width",
-        "new_tokens",
-        "iterations",
-        "timed_iterations",
-        *PHASES,
-        "tokens_per_s",
-        "gen_tokens_per_s",
-        "ratio_vs_trl",
-        "cpu",
-        "cores",
-        "threads",
-        "loadavg_1m",
-        "torch",
-        "transformers",
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
+# Columns of ppo_step.csv (one row per implementation and run).
+CSV_FIELDS = (
+    "timestamp_utc",
+    "git_sha",
+    "impl",
+    "version",
+    "layers",
+    "hidden",
+    "batch_size",
+    "prompt_width",
+    "new_tokens",
+    "iterations",
+    "timed_iterations",
+    *PHASES,
+    "tokens_per_s",
+    "gen_tokens_per_s",
+    "ratio_vs_trl",
+    "cpu",
+    "cores",
+    "threads",
+    "loadavg_1m",
+    "torch",
+    "transformers",
+)
 
 
 def _row(result: dict, work: Workload, impl: str, version: str, ratio) -> dict:
@@ -295,8 +277,8 @@ def _row(result: dict, work: Workload, impl: str, version: str, ratio) -> dict:
         version=version,
         ratio_vs_trl=ratio,
         timed_iterations=result["timed_iterations"],
-        timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        git_sha=_git_sha(),
+        timestamp_utc=utc_timestamp(),
+        git_sha=git_sha(ROOT),
     )
     return row
 
@@ -329,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--profile", type=Path, default=None, help="TensorBoard trace directory")
     parser.add_argument("--compare-trl", action="store_true", help="also run TRL 1.12 (subprocess)")
-    parser.add_argument("--trl-python", default=TRL_PYTHON, help="interpreter with trl==1.12.0")
+    trl_env.add_arguments(parser)
     parser.add_argument(
         "--trl-json", type=Path, default=None, help="compare with a saved trl_ppo_baseline result"
     )
@@ -344,9 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     warn_if_loaded("iteration times")
     trl = json.loads(ns.trl_json.read_text()) if ns.trl_json else None
     if ns.compare_trl:
-        trl = run_trl(
-            work, ns.trl_python, RESULTS / ("trl_ppo_smoke.json" if smoke else "trl_ppo.json")
-        )
+        python = trl_env.resolve_trl_python(ns.trl_python, setup=ns.setup_trl)
+        trl = run_trl(work, python, RESULTS / ("trl_ppo_smoke.json" if smoke else "trl_ppo.json"))
     machine = machine_info()
     ours = {"impl": "ours", "workload": asdict(work), "machine": machine}
     ours.update(run_ours(work, ns.profile))
@@ -358,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [_row(ours, work, "rlhf_lightning", version, round(ratio, 3) if ratio else "")]
         if trl:
             rows.append(_row(trl, work, "trl", trl.get("trl", "1.12.0"), ""))
-        append_csv(rows)
+        append_csv(CSV_PATH, rows, CSV_FIELDS)
         print(f"appended {len(rows)} row(s) to {CSV_PATH}")
     summary = {"ours": ours, "trl": trl, "ratio_iteration_s": ratio}
     name = "ppo_step_smoke.json" if smoke else "ppo_step.json"

@@ -9,7 +9,9 @@ CPU. "Same data" is enforced at the token level: our `RLHFDataModule` reads the 
 (default: Anthropic HH helpful-base, `../shared/data/hh-rlhf/helpful-base/test.jsonl.gz`, split
 into train/val), and its collated rows (prompt rendered, EOS appended, truncated to
 `--max-length`) are written as `chosen_ids`/`rejected_ids` JSON lines that
-`trl_reward_baseline.py` trains on in the TRL interpreter (`--trl-python`, see TRL.md).
+`trl_reward_baseline.py` trains on in the TRL interpreter (`--trl-python`, else
+`$RLHF_TRL_PYTHON`, else `.venv-trl/bin/python`; `--setup-trl` creates a missing one: see
+`benchmarks/trl_env.py` and TRL.md).
 
 Reported: pairs/s over the optimizer steps after `--warmup-steps` (pairs / summed step wall
 time), and held-out pairwise accuracy on the validation split after training, for both; the
@@ -21,7 +23,6 @@ to `benchmarks/results/reward_vs_trl.csv`.
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import json
 import os
@@ -33,10 +34,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import trl_env
+from benchmarks.results_io import append_csv, git_sha, utc_timestamp
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-TRL_PYTHON = "/work/venvs/trl/bin/python"
 
 
 def default_gguf() -> Path | None:
@@ -133,12 +136,11 @@ def dump_pairs(dm, split: str, path: Path, max_pairs: int | None) -> int:
     return n
 
 
-def run_trl(ns, model_dir: Path, train: Path, val: Path) -> dict:
-    if not Path(ns.trl_python).exists():
-        raise SystemExit(f"--trl-python: {ns.trl_python} does not exist (see benchmarks/TRL.md)")
+def run_trl(ns, python: str, model_dir: Path, train: Path, val: Path) -> dict:
+    """Train with `trl_reward_baseline.py` in the TRL interpreter `python`; its JSON result."""
     out = RESULTS / "trl_reward.json"
     cmd = [
-        ns.trl_python,
+        python,
         str(ROOT / "benchmarks" / "trl_reward_baseline.py"),
         "--train",
         str(train),
@@ -240,17 +242,11 @@ def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
     }
 
 
-def append_csv(ns, ours: dict, trl: dict, ratio: float) -> Path:
-    path = RESULTS / "reward_vs_trl.csv"
-    sha = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        or "unknown"
-    )
+def csv_rows(ns, ours: dict, trl: dict, ratio: float) -> list[dict]:
+    """The rows of reward_vs_trl.csv for one run: ours, then TRL's."""
     base = {
-        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_sha": sha,
+        "timestamp_utc": utc_timestamp(),
+        "git_sha": git_sha(ROOT),
         "data": Path(ns.data).name,
         "model": ns.model or "smollm2-135m-instruct-gguf",
         "batch_size": ns.batch_size,
@@ -261,7 +257,7 @@ def append_csv(ns, ours: dict, trl: dict, ratio: float) -> Path:
         "loadavg_1m": os.getloadavg()[0],
         "ours_args": " ".join(ns.ours_arg or []),
     }
-    rows = [
+    return [
         {
             **base,
             "impl": r["impl"],
@@ -273,13 +269,6 @@ def append_csv(ns, ours: dict, trl: dict, ratio: float) -> Path:
         }
         for r in (ours, trl)
     ]
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--ours-arg", action="append", help="extra RewardModule arg KEY=JSON")
-    p.add_argument("--trl-python", default=TRL_PYTHON, help="interpreter with trl==1.12.0")
+    trl_env.add_arguments(p)
     p.add_argument("--no-csv", action="store_true", help="do not append to reward_vs_trl.csv")
     ns = p.parse_args(argv)
+    python = trl_env.resolve_trl_python(ns.trl_python, setup=ns.setup_trl)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(ns.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_reward_"))
@@ -308,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_train = dump_pairs(dm, "train", work / "train.jsonl", None)
         n_val = dump_pairs(dm, "val", work / "val.jsonl", None)
         print(f"pairs: {n_train} train, {n_val} held-out; stats {dm.stats}", flush=True)
-        trl = run_trl(ns, model_dir, work / "train.jsonl", work / "val.jsonl")
+        trl = run_trl(ns, python, model_dir, work / "train.jsonl", work / "val.jsonl")
         ours = run_ours(ns, dm, model_dir, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -325,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     cpu_ratio = ours["pairs_per_cpu_s"] / trl["pairs_per_cpu_s"]
     print(f"ours / TRL pairs per CPU-second = {cpu_ratio:.2f} (less sensitive to other load)")
     if not ns.no_csv:
-        print(f"appended to {append_csv(ns, ours, trl, ratio)}")
+        rows = csv_rows(ns, ours, trl, ratio)
+        print(f"appended to {append_csv(RESULTS / 'reward_vs_trl.csv', rows, list(rows[0]))}")
     summary = {"ours": ours, "trl": trl, "ratio_pairs_per_s": ratio, "settings": vars(ns)}
     (RESULTS / "reward_vs_trl.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -12,7 +12,6 @@ rewritten. Layout after Liger-Kernel's benchmark folder (one script per op famil
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from . import report
+from .results_io import append_csv, git_sha, utc_timestamp
 from .trl_ppo_baseline import cpu_model, warn_if_loaded
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,21 +93,12 @@ def _machine() -> dict:
         triton_v = triton.__version__
     except Exception:  # pragma: no cover
         triton_v = "none"
-    try:
-        sha = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        sha = "unknown"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return {
         "machine": f"{platform.node()} | {cpu} x{os.cpu_count()}" + (f" | {gpu}" if gpu else ""),
         "torch": torch.__version__,
         "triton": triton_v,
-        "git_sha": sha,
+        "git_sha": git_sha(),
     }
 
 
@@ -144,7 +135,7 @@ def main(argv=None) -> int:
         cases = [c for c in cases if args.only in report.case_key(c)]
     meta = _machine()
     meta["loadavg_1m"] = round(warn_if_loaded("timings and ratios"), 2)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = utc_timestamp()
     rows = []
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -152,24 +143,13 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"[{i}/{len(cases)}] {report.format_row(row)}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _append_csv(RESULTS / "results.csv", rows)
+    append_csv(RESULTS / "results.csv", rows, report.CSV_FIELDS)
     md = report.markdown(rows, meta, TARGET)
     (RESULTS / f"latest_{args.suite}.md").write_text(md)
     report.plot(rows, RESULTS / f"latest_{args.suite}.png")
     print(md.split("## All cases")[0])
     print(f"total {time.perf_counter() - t_start:.0f}s; results in {RESULTS}")
     return 0
-
-
-def _append_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(report.CSV_FIELDS)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in fields})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run it with the separate TRL interpreter (TRL 1.13 removed PPO, so it never enters the project
 venv; see benchmarks/TRL.md):
 
-    HF_HUB_OFFLINE=1 /work/venvs/trl/bin/python benchmarks/trl_ppo_baseline.py --iterations 3
+    HF_HUB_OFFLINE=1 .venv-trl/bin/python benchmarks/trl_ppo_baseline.py --iterations 3
 
 The first half of this file defines the workload and needs only torch, transformers and
 tokenizers, so `bench_ppo_step.py` imports it to build the identical setup for PPOModule:

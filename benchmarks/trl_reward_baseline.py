@@ -2,7 +2,7 @@
 
 Run it with the separate TRL interpreter (see benchmarks/TRL.md):
 
-    HF_HUB_OFFLINE=1 /work/venvs/trl/bin/python benchmarks/trl_reward_baseline.py \\
+    HF_HUB_OFFLINE=1 .venv-trl/bin/python benchmarks/trl_reward_baseline.py \\
         --train pairs_train.jsonl --val pairs_val.jsonl --model MODEL_DIR \\
         --batch-size 8 --max-length 512 --steps 20 --out benchmarks/results/trl_reward.json
 

@@ -15,8 +15,9 @@ Contract shared by all functions:
   place (saved tensors stay valid when several losses share the logits).
 * ``-inf`` logits (masked vocabulary) and |logits| ≈ 1e4 stay finite; a row that is
   entirely ``-inf`` (or contains +inf / NaN) is not a distribution and gives NaN.
-* ``backend``: ``None`` (default: env ``RLHF_KERNEL_BACKEND``, else Triton for CUDA tensors
-  and chunked torch for CPU tensors), ``"triton"`` or ``"torch"`` / ``"chunked"``.
+* ``backend`` (the ``token_*`` functions): ``None`` (default: env ``RLHF_KERNEL_BACKEND``, else
+  Triton for CUDA tensors and chunked torch for CPU tensors), ``"triton"`` or ``"torch"`` /
+  ``"chunked"``. :func:`linear_token_stats` has none: it runs torch tiles on every device.
 """
 
 from __future__ import annotations
@@ -161,6 +162,39 @@ def token_kl(logits, ref_logits, *, temperature=1.0, mask=None, backend=None):
     return _run("token_kl", logits, None, ref_logits, temperature, mask, backend, False)[2]
 
 
+def _check_linear_inputs(name, hidden, weight, bias, ref_hidden, ref_weight) -> None:
+    """Dtypes and shapes of :func:`linear_token_stats`' tensors (one-line errors)."""
+    _check_float(name, "hidden", hidden)
+    _check_float(name, "weight", weight)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: `weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}: `bias` shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    if ref_hidden is not None and ref_hidden.shape != hidden.shape:
+        raise ValueError(f"{name}: `ref_hidden` shape {tuple(ref_hidden.shape)} != hidden's")
+    if ref_weight is not None and ref_weight.shape != weight.shape:
+        raise ValueError(f"{name}: `ref_weight` shape {tuple(ref_weight.shape)} != weight's")
+
+
+def _reference_side(hidden, weight, bias, ref_hidden, ref_weight, rows):
+    """``(hq [Nv, H], wq [V, H], bq [V] | None)`` of the reference, detached; all None without one.
+
+    A missing ``ref_hidden`` / ``ref_weight`` defaults to the policy's; ``bias`` is shared only
+    when ``ref_weight`` is None.
+    """
+    if ref_hidden is None and ref_weight is None:
+        return None, None, None
+    width = hidden.shape[-1]
+    src = hidden if ref_hidden is None else ref_hidden
+    hq = src.detach().reshape(-1, width).index_select(0, rows).to(hidden.dtype)  # [Nv, H]
+    wq = (weight if ref_weight is None else ref_weight).detach().to(weight.dtype)  # [V, H]
+    bq = bias.detach() if (bias is not None and ref_weight is None) else None  # [V] | None
+    return hq, wq, bq
+
+
 def linear_token_stats(
     hidden,
     weight,
@@ -172,7 +206,6 @@ def linear_token_stats(
     temperature=1.0,
     mask=None,
     chunk_size=None,
-    backend=None,
 ):
     """``token_stats(hidden @ weight.T + bias, labels, ref_hidden @ ref_weight.T)`` without logits.
 
@@ -183,8 +216,10 @@ def linear_token_stats(
         ref_hidden, ref_weight: reference side for the exact KL; a missing one defaults to the
             policy's (``bias`` is shared only when ``ref_weight`` is None). No gradients.
         temperature: T > 0. chunk_size: tokens per row block (default 2048); memory is
-            O(chunk_size · TILE_V) besides the gradients. backend: accepted for symmetry;
-            this op runs torch tiles (matmuls + elementwise) on every device.
+            O(chunk_size · TILE_V) besides the gradients.
+
+    There is no ``backend`` argument: this op runs torch tiles (matmuls + elementwise) on
+    every device, so ``RLHF_KERNEL_BACKEND`` does not apply to it.
 
     Returns:
         ``(logprobs, entropy, kl)`` float32 ``[...]`` (kl None without a reference side);
@@ -192,31 +227,13 @@ def linear_token_stats(
         (``weight`` accumulated in float32 when several row blocks are needed).
     """
     name = "linear_token_stats"
-    _check_float(name, "hidden", hidden)
-    _check_float(name, "weight", weight)
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{name}: `weight` must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{name}: `bias` shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    _check_linear_inputs(name, hidden, weight, bias, ref_hidden, ref_weight)
     inv_t = _check_temperature(name, temperature)
-    dispatch.resolve_backend(hidden, backend)  # validates the name / env var
     lead, width, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     lab, valid = _valid_rows(name, lead, vocab, labels, mask, hidden.device)
     rows = valid.nonzero().squeeze(1)  # [Nv]
     h = hidden.reshape(-1, width).index_select(0, rows)  # [Nv, H]
-    hq = wq = bq = None
-    if ref_hidden is not None or ref_weight is not None:
-        if ref_hidden is not None and ref_hidden.shape != hidden.shape:
-            raise ValueError(f"{name}: `ref_hidden` shape {tuple(ref_hidden.shape)} != hidden's")
-        if ref_weight is not None and ref_weight.shape != weight.shape:
-            raise ValueError(f"{name}: `ref_weight` shape {tuple(ref_weight.shape)} != weight's")
-        src = hidden if ref_hidden is None else ref_hidden
-        hq = src.detach().reshape(-1, width).index_select(0, rows).to(hidden.dtype)  # [Nv, H]
-        wq = (weight if ref_weight is None else ref_weight).detach().to(weight.dtype)  # [V, H]
-        bq = bias.detach() if (bias is not None and ref_weight is None) else None
+    hq, wq, bq = _reference_side(hidden, weight, bias, ref_hidden, ref_weight, rows)
     chunk = max(1, int(chunk_size or linear.DEFAULT_CHUNK_TOKENS))
     labs = lab.index_select(0, rows) if lab is not None else torch.zeros_like(rows)  # [Nv]
     lp, ent, kl = linear.LinearTokenStats.apply(

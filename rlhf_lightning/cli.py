@@ -3,6 +3,7 @@
     rlhf fit --config configs/quickstart/sft.yaml        # train a stage
     rlhf validate --config ... --ckpt_path last.ckpt     # evaluate
     rlhf fit --config ... --print_config                 # show the fully resolved config
+    rlhf fit --config base.yaml --config overlay.yaml    # later files override earlier ones
     rlhf fit --model SFTModule --model.help SFTModule    # every init option, documented
     rlhf label ...                                       # rank sampled responses (labeling.py)
     rlhf --debug fit ...   (or RLHF_DEBUG=1 rlhf fit ...)  # full tracebacks instead of one line
@@ -37,26 +38,10 @@ from rlhf_lightning.cli_errors import RunState, debug_switch, error_line, report
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-# Stage modules registered for short names. Modules not written yet are tolerated.
-STAGE_MODULES = (
-    "rlhf_lightning.modules.sft",
-    "rlhf_lightning.modules.reward",
-    "rlhf_lightning.modules.ppo",
-)
 
-
-def register_stage_modules() -> list[str]:
-    """Import every stage module that exists (so its LightningModule gets a short name)."""
-    loaded = []
-    for name in STAGE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency inside the module: surface it
-                raise
-            continue
-        loaded.append(name)
-    return loaded
+def register_stage_modules() -> None:
+    """Import the stage modules, so that `--model SFTModule|RewardModule|PPOModule` resolves."""
+    from rlhf_lightning.modules import ppo, reward, sft  # noqa: F401
 
 
 # ------------------------------------------------------------------ the LightningCLI
@@ -142,13 +127,7 @@ def run_cli(args: Sequence[str] | None = None, *, run: bool = True, state: RunSt
 
 
 def _label(argv: list[str], state: RunState) -> int:
-    try:
-        labeling = importlib.import_module("rlhf_lightning.labeling")
-    except ModuleNotFoundError as err:
-        if err.name != "rlhf_lightning.labeling":
-            raise
-        print("rlhf label: not available in this installation", file=sys.stderr)
-        return 2
+    labeling = importlib.import_module("rlhf_lightning.labeling")
     result = labeling.main(argv, run_state=state)
     return result if isinstance(result, int) else 0
 

@@ -66,16 +66,19 @@ class Stage:
     description: str = ""
 
 
-def fit_stage(ctx: Context, config: str, version: str, overrides: dict[str, str]) -> dict:
-    """`rlhf fit --config <config> <overrides>` in-process; returns the final logged metrics.
+def fit_stage(ctx: Context, configs: list[str], version: str, overrides: dict[str, str]) -> dict:
+    """`rlhf fit --config <c1> [--config <c2> ...] <overrides>` in-process; the final metrics.
 
-    The stage's TensorBoard run folder `<out>/tb/<version>` is cleared first, so a rerun
-    does not mix its events with an earlier run's.
+    Later config files override earlier ones (an overlay such as `ppo_overopt.yaml` is given
+    after its base `ppo.yaml`). The stage's TensorBoard run folder `<out>/tb/<version>` is
+    cleared first, so a rerun does not mix its events with an earlier run's.
     """
     from rlhf_lightning.cli import run_cli
 
     shutil.rmtree(ctx.out / "tb" / version, ignore_errors=True)
-    argv = ["fit", "--config", str(ctx.config(config))]
+    argv = ["fit"]
+    for name in configs:
+        argv += ["--config", str(ctx.config(name))]
     argv += [
         f"--trainer.default_root_dir={ctx.out}",
         f"--trainer.logger.init_args.save_dir={ctx.out}",
@@ -104,7 +107,7 @@ def sft_stage(ctx: Context) -> dict:
     out = ctx.out
     metrics = fit_stage(
         ctx,
-        "sft.yaml",
+        ["sft.yaml"],
         "sft",
         {
             "seed_everything": str(ctx.seed),
@@ -145,7 +148,7 @@ def reward_stage(ctx: Context) -> dict:
     sft = str(out / "export" / "sft")
     metrics = fit_stage(
         ctx,
-        "reward.yaml",
+        ["reward.yaml"],
         "reward",
         {
             "seed_everything": str(ctx.seed),
@@ -178,12 +181,16 @@ def _ppo_result(metrics: dict) -> dict:
 
 def ppo_stage(ctx: Context) -> dict:
     """PPO against the reward model with the KL leash to the SFT policy."""
-    return _ppo_result(fit_stage(ctx, "ppo.yaml", "ppo", _ppo_overrides(ctx, "ppo")))
+    return _ppo_result(fit_stage(ctx, ["ppo.yaml"], "ppo", _ppo_overrides(ctx, "ppo")))
 
 
 def overopt_stage(ctx: Context) -> dict:
-    """The over-optimisation demo: no KL penalty, longer training; watch the monitor's warnings."""
-    metrics = fit_stage(ctx, "ppo_overopt.yaml", "ppo_overopt", _ppo_overrides(ctx, "ppo_overopt"))
+    """The over-optimisation demo: no KL penalty, longer training; watch the monitor's warnings.
+
+    `ppo_overopt.yaml` is an overlay: it is given after `ppo.yaml` and changes only a few values.
+    """
+    configs = ["ppo.yaml", "ppo_overopt.yaml"]
+    metrics = fit_stage(ctx, configs, "ppo_overopt", _ppo_overrides(ctx, "ppo_overopt"))
     result = _ppo_result(metrics)
     result.update(_evaluate(ctx, "ppo_overopt"))
     return result

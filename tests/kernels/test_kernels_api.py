@@ -223,6 +223,21 @@ def test_backend_resolution(monkeypatch):
         dispatch.resolve_backend(x, "triton")
 
 
+def test_linear_token_stats_has_no_backend(monkeypatch):
+    """Torch tiles on every device: no `backend=` argument, and the env var does not apply."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)  # [N, H], [V, H]
+    labels = torch.randint(0, 11, (5,), generator=g)  # [N]
+    with pytest.raises(TypeError, match="backend"):
+        linear_token_stats(h, w, labels, backend="torch")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    plain = linear_token_stats(h, w, labels, ref_hidden=h * 0.5)
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")  # would raise in the token_* functions
+    ignored = linear_token_stats(h, w, labels, ref_hidden=h * 0.5)
+    for a, b in zip(plain, ignored):
+        assert torch.equal(a, b)
+
+
 def test_kl_penalty_estimators():
     lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     ref = torch.tensor([-1.5, -1.0, -0.5])

@@ -1,12 +1,15 @@
-"""The quickstart runner: stage list, summary table, and a shortened prepare + SFT run."""
+"""The quickstart runner: stage list, summary table, the overlay stage, a short prepare + SFT run."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rlhf_lightning import cli
 from rlhf_lightning.tasks import quickstart
 
 
@@ -66,6 +69,27 @@ def test_scoped_overrides_apply_to_their_stage_only(tmp_path):
     assert ctx.stage_overrides("sft") == ["--trainer.max_steps=3"]
     assert ctx.stage_overrides("label", unscoped=False) == ["--limit=8"]
     assert ctx.stage_overrides("ppo") == ["--trainer.max_steps=3"]
+
+
+def test_overopt_stage_applies_its_overlay_after_the_base(tmp_path, monkeypatch):
+    """`--stages overopt` runs `rlhf fit --config ppo.yaml --config ppo_overopt.yaml` (in that
+    order: the overlay's values win), into its own TensorBoard version and export folder."""
+    seen = []
+    trainer = SimpleNamespace(
+        callback_metrics={"objective/kl": torch.tensor(1.5)}, global_step=3, log_dir="d"
+    )
+    monkeypatch.setattr(
+        cli, "run_cli", lambda argv: seen.append(argv) or SimpleNamespace(trainer=trainer)
+    )
+    monkeypatch.setattr(quickstart, "_evaluate", lambda ctx, name: {"gold": 0.5, "distinct_2": 0.1})
+    ctx = quickstart.Context(out=tmp_path, configs=quickstart.REPO_ROOT / "configs" / "quickstart")
+    result = quickstart.overopt_stage(ctx)
+    (argv,) = seen
+    configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
+    assert [Path(c).name for c in configs] == ["ppo.yaml", "ppo_overopt.yaml"]
+    assert "--trainer.logger.init_args.version=ppo_overopt" in argv
+    assert f"--model.init_args.export_dir={tmp_path / 'export' / 'ppo_overopt'}" in argv
+    assert result == {"objective/kl": 1.5, "global_step": 3, "gold": 0.5, "distinct_2": 0.1}
 
 
 @pytest.mark.slow
