@@ -2,17 +2,18 @@
 
 For every prompt of a data source, sample K responses from a policy export (batched,
 seeded generation), score each (prompt, response) with a *labeler* — any Python callable
-named by import path `"package.module:function"` — and write one JSONL row per prompt:
+named by import path `"package.module:function"` (`rlhf_lightning.scorers`, the convention PPO's
+reward and gold functions use too) — and write one JSONL row per prompt:
 `{"prompt", "responses" (best → worst), "scores" (same order)}`, the ranking layout the
 datamodule reads as K-wise preference records (Ouyang et al. 2022, §3.4: labelers rank
 K = 4..9 outputs per prompt).
 
-Labelers receive `(prompt: str, response: str) -> float` (higher = better); `prompt` is the
-last user message for single-turn prompts, else the plain-template transcript. Factories
-are supported: with `labeler_args`, the imported object is called with them first and the
-result is the scorer; a scorer with a `score_batch(prompts, responses)` method is called
-once per batch. Built in: `RewardModelLabeler` (an RM export), `LookupLabeler` (scores
-typed by people into a JSONL file) and `length_score` (a toy rule for tests).
+Labelers score `(prompt: str, response: str) -> float` (higher = better), or take lists
+`(prompts, responses) -> list[float]`; `prompt` is the last user message for single-turn
+prompts, else the plain-template transcript. A class is instantiated with `labeler_args`
+(a function gets them bound); an object with a `score_batch(prompts, responses)` method is
+called once per batch. Built in: `RewardModelLabeler` (an RM export), `LookupLabeler`
+(scores typed by people into a JSONL file) and `length_score` (a toy rule for tests).
 
 Empty and duplicate responses and responses whose score ties an earlier one are dropped (a
 ranking cannot express ties), and prompts left with fewer than 2 responses are skipped; both are
@@ -22,10 +23,8 @@ counted in the printed summary (`responses_dropped`, `all_tied`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,9 @@ from rlhf_lightning.data.records import Messages, RecordError
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.data.templates import render_plain, render_prompt, response_separator
 from rlhf_lightning.models.loading import ModelSpec
+from rlhf_lightning.models.masks import response_mask, response_texts
+from rlhf_lightning.models.reward_export import load_reward_model, score_texts
+from rlhf_lightning.scorers import BatchScorer, load_scorer, split_import_path
 
 
 @dataclass
@@ -46,8 +48,10 @@ class LabelConfig:
         prompts: Prompt source; any record layout works (its prompt part is used). All of its
             prompts are labelled (train split, then a `val_path`/`val_split` split if set).
         out: Rankings JSONL to write (parent folders are created).
-        labeler: Import path `"module:attr"` of the scorer `(prompt, response) -> float`.
-        labeler_args: When set, `attr` is a factory called as `attr(**labeler_args)`.
+        labeler: Import path `"module:attr"` of the scorer `(prompt, response) -> float`
+            (or `(prompts, responses) -> list[float]`, or a class; see `rlhf_lightning.scorers`).
+        labeler_args: Keyword arguments: a class is instantiated with them, a function gets
+            them bound.
         tokenizer: Tokenizer of the policy; None = `policy.name_or_path`.
         tokenizer_gguf_file: GGUF file inside `tokenizer` to read the tokenizer from.
         num_responses: K, the responses sampled per prompt (≥ 2).
@@ -85,8 +89,30 @@ class LabelConfig:
             raise ValueError(f"num_responses: must be >= 2 to rank, got {self.num_responses}")
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if ":" not in self.labeler:
-            raise ValueError(f"labeler: expected 'module:function', got {self.labeler!r}")
+        split_import_path(self.labeler, "labeler")
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings of `sample_responses` (the keys of the same names)."""
+        names = [f.name for f in dataclasses.fields(SamplingConfig)]
+        return SamplingConfig(**{name: getattr(self, name) for name in names})
+
+
+@dataclass
+class SamplingConfig:
+    """How `sample_responses` samples K responses per prompt (plain `generate` sampling)."""
+
+    num_responses: int
+    """K: responses sampled per prompt."""
+    max_new_tokens: int
+    """Cap on generated tokens per response."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    device: str = "cpu"
+    """Torch device of the model and the batches."""
 
 
 # ---------------------------------------------------------------------- labelers
@@ -101,14 +127,10 @@ class RewardModelLabeler:
     def __init__(
         self, export_dir: str, batch_size: int = 16, max_length: int = 1024, device: str = "cpu"
     ):
-        from rlhf_lightning.modules.reward_export import load_reward_model
-
         self.model, self.tokenizer, _ = load_reward_model(export_dir, device=device)
         self.batch_size, self.max_length = batch_size, max_length
 
     def score_batch(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from rlhf_lightning.modules.reward_export import score_texts
-
         tok = self.tokenizer
         sep, eos = response_separator(tok), tok.eos_token or ""
         texts = [
@@ -171,24 +193,6 @@ def json_row(line: str, where: str) -> dict:
     return row
 
 
-def load_labeler(
-    path: str, args: dict | None = None
-) -> Callable[[list[str], list[str]], list[float]]:
-    """Import `"module:attr"` and return a batch scorer `(prompts, responses) -> scores`."""
-    module_name, _, attr = path.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"labeler: cannot import {path!r} ({err})") from None
-    if args is not None:
-        obj = obj(**args)
-    if hasattr(obj, "score_batch"):
-        return obj.score_batch
-    if not callable(obj):
-        raise ValueError(f"labeler: {path!r} is not callable")
-    return lambda prompts, responses: [float(obj(p, r)) for p, r in zip(prompts, responses)]
-
-
 # ---------------------------------------------------------------------- sampling
 def prompt_for_labeler(messages: Messages) -> str:
     """Single-turn prompts: the user's text; multi-turn: the plain-template transcript."""
@@ -197,20 +201,11 @@ def prompt_for_labeler(messages: Messages) -> str:
     return render_plain(messages)
 
 
-def _decode_responses(tokenizer, generated: torch.Tensor) -> list[str]:
-    """Decode generated ids `[N, L]`, stopping at the first EOS of each row."""
-    eos = tokenizer.eos_token_id
-    texts = []
-    for row in generated.tolist():
-        if eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
-
-
 @torch.no_grad()
-def sample_responses(model, tokenizer, batch: dict, cfg: LabelConfig, seed: int) -> list[list[str]]:
-    """K sampled responses for each prompt of a left-padded prompt batch."""
+def sample_responses(
+    model, tokenizer, batch: dict, cfg: SamplingConfig, seed: int
+) -> list[list[str]]:
+    """K sampled responses for each prompt of a left-padded prompt batch (texts without EOS)."""
     torch.manual_seed(seed)
     ids = batch["input_ids"].to(cfg.device)  # [B, P]
     mask = batch["attention_mask"].to(cfg.device)  # [B, P]
@@ -226,7 +221,9 @@ def sample_responses(model, tokenizer, batch: dict, cfg: LabelConfig, seed: int)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # [B*K, P + L]
-    texts = _decode_responses(tokenizer, out[:, ids.shape[1] :])
+    generated = out[:, ids.shape[1] :]  # [B*K, L]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    texts = response_texts(tokenizer, generated, response_mask(generated, eos), eos)
     k = cfg.num_responses
     return [texts[i * k : (i + 1) * k] for i in range(ids.shape[0])]
 
@@ -260,7 +257,7 @@ class _Session:
 
     tokenizer: object
     model: torch.nn.Module
-    scorer: Callable[[list[str], list[str]], list[float]]
+    scorer: BatchScorer
     loaders: list
     total: int
 
@@ -290,7 +287,7 @@ def _prepare(cfg: LabelConfig) -> _Session:
     model = load_causal_lm(
         cfg.policy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
     )
-    scorer = load_labeler(cfg.labeler, cfg.labeler_args)
+    scorer = load_scorer(cfg.labeler, "labeler", cfg.labeler_args)
     loaders = [dm.dataloader("prompt", "train", shuffle=False)]
     if dm.records("prompt", "val"):
         loaders.append(dm.dataloader("prompt", "val", shuffle=False))
@@ -304,7 +301,7 @@ def _write_batch(fh, session: _Session, cfg: LabelConfig, batch: dict, summary: 
     """Sample, score and write one prompt batch (at most the prompts still wanted)."""
     room = session.total - summary["prompts"]
     seed = cfg.seed + summary["prompts"]
-    responses = sample_responses(session.model, session.tokenizer, batch, cfg, seed)
+    responses = sample_responses(session.model, session.tokenizer, batch, cfg.sampling(), seed)
     messages = batch["prompt_messages"][:room]
     flat_p = [prompt_for_labeler(m) for m, rs in zip(messages, responses) for _ in rs]
     flat_r = [r for rs in responses[: len(messages)] for r in rs]

@@ -11,9 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf_lightning.data.datamodule import RLHFDataModule
 from rlhf_lightning.data.records import RecordError
 from rlhf_lightning.data.sources import DataSource
-from rlhf_lightning.labeling import LookupLabeler, RewardModelLabeler, load_labeler, main, rank_row
+from rlhf_lightning.labeling import LookupLabeler, RewardModelLabeler, main, rank_row
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
-from rlhf_lightning.modules.reward_export import export_reward_model
+from rlhf_lightning.models.reward_export import export_reward_model
+from rlhf_lightning.scorers import load_scorer
 
 PROMPTS = [f"write a short review of the film {c} ?" for c in "abcdefg"]
 
@@ -90,7 +91,7 @@ def test_rank_row_merges_duplicates_and_ties():
 def test_lookup_labeler_scores_and_lists_missing(tmp_path):
     table = tmp_path / "human.jsonl"
     table.write_text(json.dumps({"prompt": "p", "response": "good", "score": 2}) + "\n")
-    scorer = load_labeler("rlhf_lightning.labeling:LookupLabeler", {"path": str(table)})
+    scorer = load_scorer("rlhf_lightning.labeling:LookupLabeler", "labeler", {"path": str(table)})
     assert scorer(["p"], ["good"]) == [2.0]
     with pytest.raises(RecordError, match=r"human.jsonl: 1 responses have no score; listed in "):
         scorer(["p", "p"], ["good", "bad"])
@@ -120,4 +121,7 @@ def test_reward_model_labeler_matches_export_scores(tmp_path, tiny_tokenizer, ti
 
 def test_bad_labeler_path_is_one_line_error():
     with pytest.raises(ValueError, match="labeler: cannot import 'nope.nothing:f'"):
-        load_labeler("nope.nothing:f")
+        load_scorer("nope.nothing:f", "labeler")
+    with pytest.raises(ValueError, match="labeler: 'no_colon' is not an import path"):
+        main(["--policy.name_or_path", "x", "--prompts.path", "p.jsonl", "--out", "o.jsonl",
+              "--labeler", "no_colon"])  # fmt: skip

@@ -19,12 +19,15 @@ restores the state of any train dataloader that has `state_dict` / `load_state_d
 Under data parallelism (DDP) each rank iterates its own shard of the same epoch order (see
 `EpochShuffleSampler`); every rank consumes the same number of batches, so the consumed count
 saved by rank 0 resumes every rank at the right place of its shard.
+
+`EpochBatches` draws batches outside a training loop (PPO-ptx demonstrations) in the same
+per-epoch order, with its own resumable position (`{"epoch", "consumed"}`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -115,3 +118,60 @@ class ResumableDataLoader(DataLoader):
                 "resuming with a different data seed: the sample order will differ", stacklevel=2
             )
         self.sampler.skip_next(state_dict.get("batches_consumed_in_epoch", 0) * self.batch_size)
+
+
+class EpochBatches:
+    """Endless full batches of a dataset in `EpochShuffleSampler`'s seeded order, resumable.
+
+    Epoch `e` visits the sampler's permutation for `seed + e` in consecutive batches of
+    `batch_size` and drops the last partial batch (a dataset smaller than one batch gives one
+    short batch per epoch). `state_dict()` = `{"epoch", "consumed"}` (batches of that epoch
+    already drawn); a new `EpochBatches` with that `position` continues exactly there. Every
+    data-parallel rank drawing from the same position gets the same batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence,
+        collate_fn: Callable[[list], Any],
+        batch_size: int,
+        seed: int,
+        position: dict[str, int] | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"EpochBatches: batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
+        self.sampler = EpochShuffleSampler(len(dataset), seed=seed)
+        self.load_state_dict(position or {"epoch": 0, "consumed": 0})
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its index order)
+
+    def batch_starts(self) -> list[int]:
+        """Offsets of the batches of one epoch in its order."""
+        return list(range(0, len(self.dataset) - self.batch_size + 1, self.batch_size)) or [0]
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            self.sampler.set_epoch(self.epoch)
+            self._order = (self.epoch, self.sampler.order().tolist())
+        return self._order[1]
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> Any:
+        """The next batch (collated); moves to the next epoch after the last full batch."""
+        starts = self.batch_starts()
+        if self.consumed >= len(starts):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        start = starts[self.consumed]
+        self.consumed += 1
+        indices = self._epoch_order()[start : start + self.batch_size]
+        return self.collate_fn([self.dataset[i] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: `{"epoch": e, "consumed": batches of epoch e already drawn}`."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()` position."""
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])

@@ -1,9 +1,11 @@
-"""Scalar heads and last-token indexing for reward and value models.
+"""Scalar heads and last-token scoring for reward and value models.
 
-`last_token_index` finds the final real token of each row from the attention
-mask alone, so it is correct for left and right padding and for any pad/eos ids
-(tokenizers often use the same id for pad and eos). `ValueHead` maps hidden
-states to one scalar per position (the PPO critic; Ouyang et al. 2022,
+`last_token_scores` is the one way a scalar is read off a transformer trunk at the last real
+token of each row: the reward model in training and export, PPO's reward scoring and the
+labeler all call it (through `reward_export.score_rows`). The trunk runs with position ids from
+the mask (`masks.position_ids`) and without a KV cache (`trunk_hidden`, which the PPO critic
+uses as well), so left- and right-padded rows give the same scores. `ValueHead` maps hidden
+states to one scalar per position (the PPO critic on the policy trunk; Ouyang et al. 2022,
 "Training language models to follow instructions with human feedback").
 """
 
@@ -12,15 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of `attention_mask` (Long[B, T] → Long[B]).
-
-    Rows without any 1 give 0.
-    """
-    positions = torch.arange(attention_mask.size(-1), device=attention_mask.device)  # [T]
-    weighted = (attention_mask != 0).long() * positions  # [B, T]; 0 on padding
-    return weighted.argmax(dim=-1)  # [B]
+from rlhf_lightning.models.masks import last_token_index, position_ids
 
 
 def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,6 +25,40 @@ def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     index = last_token_index(attention_mask)  # [B]
     rows = torch.arange(hidden.size(0), device=hidden.device)  # [B]
     return hidden[rows, index]  # [B, H] or [B]
+
+
+def trunk_hidden(
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states Float[B, T, H] of a transformer trunk (`last_hidden_state`) for ids /
+    mask Long[B, T], with positions counted over attended tokens and no KV cache.
+
+    The mask is always passed with the positions: transformers reads packed sequences from
+    `position_ids` only when the mask is None.
+    """
+    return trunk(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # [B, T, H]
+
+
+def scalar_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A `Linear(H, 1)` head on hidden states [..., H] (cast to the head's dtype) → float32 [...]."""
+    return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def last_token_scores(
+    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Scalar score per row, read at its last attended token: ids/mask Long[B, T] → Float[B].
+
+    Only the hidden state of that token goes through the head, so padding side and pad id do
+    not matter.
+    """
+    hidden = trunk_hidden(trunk, input_ids, attention_mask)  # [B, T, H]
+    return scalar_head(head, gather_last(hidden, attention_mask))  # [B]
 
 
 class ValueHead(nn.Module):

@@ -273,12 +273,19 @@ def load_sequence_classifier(
     )
 
 
-def unwrap_peft(model: torch.nn.Module, *, merge: bool = True) -> torch.nn.Module:
-    """The plain transformers model behind a peft wrapper (LoRA merged into a copy).
+def is_peft(model: torch.nn.Module) -> bool:
+    """True for a peft-wrapped model (it has `get_base_model` and `disable_adapter`)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "disable_adapter")
 
-    The live model is left untouched, so training can go on after an export.
+
+def unwrap_peft(model: torch.nn.Module, *, merge: bool) -> torch.nn.Module:
+    """The transformers model behind a peft wrapper (`model` itself when it has none).
+
+    `merge=True`: a copy with the LoRA weights merged in (for export; the live model is left
+    untouched, so training can go on). `merge=False`: the wrapped model itself, adapters still
+    injected (for reading its modules, e.g. the trunk and head of a LoRA reward model).
     """
-    if not hasattr(model, "merge_and_unload"):
+    if not is_peft(model):
         return model
     if not merge:
         return model.get_base_model()
@@ -293,7 +300,7 @@ def export_pretrained(model: torch.nn.Module, tokenizer, out_dir: str | Path) ->
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plain = unwrap_peft(model)
+    plain = unwrap_peft(model, merge=True)
     for cfg in (plain.config, getattr(plain, "generation_config", None)):
         if cfg is None or tokenizer is None:
             continue

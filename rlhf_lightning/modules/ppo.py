@@ -22,17 +22,24 @@ Schulman et al. 2017 (PPO); Huang et al. 2024 ("The N+ Implementation Details of
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from dataclasses import asdict, is_dataclass, replace
-from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from rlhf_lightning.models.loading import ModelSpec, export_pretrained, load_causal_lm
+from rlhf_lightning.data.sampling import EpochBatches
+from rlhf_lightning.data.templates import response_separator
+from rlhf_lightning.models.heads import ValueHead
+from rlhf_lightning.models.loading import (
+    ModelSpec,
+    export_pretrained,
+    is_peft,
+    load_causal_lm,
+)
+from rlhf_lightning.models.reward_export import load_reward_model
+from rlhf_lightning.modules.base import StageModule
 from rlhf_lightning.modules.common import (
     OptimConfig,
     build_optimizer,
@@ -60,7 +67,7 @@ from rlhf_lightning.ppo.reporting import (
     log_histograms,
     sample_rows,
 )
-from rlhf_lightning.ppo.rollout import Rollout, RunningMoments, load_callable
+from rlhf_lightning.ppo.rollout import Rollout, RunningMoments
 from rlhf_lightning.ppo.state import (
     coerce_config,
     get_rng_state,
@@ -69,9 +76,10 @@ from rlhf_lightning.ppo.state import (
     set_rng_state,
 )
 from rlhf_lightning.ppo.step import ppo_update
+from rlhf_lightning.scorers import load_scorer
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(StageModule):
     """PPO with a KL penalty to a frozen reference, a critic, and a reward model or function."""
 
     data_kind = "prompt"
@@ -127,7 +135,6 @@ class PPOModule(pl.LightningModule):
         self._validate()
         self.policy = self.reference = self.critic = self.value_head = self.reward_model = None
         self.reward_fn = self.gold_fn = self.reward_stats = self.reward_tokenizer = None
-        self.tokenizer = None
         self.kl_ctl = build_kl_controller(self.kl_cfg.coef, self.kl_cfg.target, self.kl_cfg.horizon)
         m = self.monitor_cfg
         self.monitor = RewardHackingMonitor(
@@ -138,8 +145,8 @@ class PPOModule(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.warnings: list[str] = []
         self._rng: dict | None = None
-        self._ptx_pos = {"epoch": 0, "consumed": 0}
-        self._ptx_iter = None
+        self._ptx_start = {"epoch": 0, "consumed": 0}  # until `_ptx` is built (or restored)
+        self._ptx: EpochBatches | None = None
 
     def _validate(self) -> None:
         r, k = self.reward_cfg, self.kl_cfg
@@ -156,22 +163,12 @@ class PPOModule(pl.LightningModule):
             raise ValueError("model.generation.temperature: must be > 0 (PPO samples)")
 
     # ------------------------------------------------------------------ models
-    def _get_tokenizer(self):
-        if self.tokenizer is None:
-            dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-            if dm is None or not hasattr(dm, "tokenizer"):
-                raise RuntimeError("PPOModule needs an RLHFDataModule (or set module.tokenizer)")
-            self.tokenizer = dm.tokenizer
-        return self.tokenizer
-
     def configure_model(self) -> None:
         """Build policy, reference, reward source and critic (once)."""
         if self.policy is not None:
             return
-        tok = self._get_tokenizer()
+        tok = self.tokenizer
         self.eos_ids = [tok.eos_token_id]
-        from rlhf_lightning.data.templates import response_separator
-
         self.response_separator = response_separator(tok)
         self.hf_generation = hf_generation_config(self.generation_cfg, tok)
         self.policy = load_causal_lm(
@@ -185,12 +182,10 @@ class PPOModule(pl.LightningModule):
                 self.reference_spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id
             )
             self.reference = ppo_models.frozen_copy(ppo_models.disable_dropout(ref))
-        elif not ppo_models.is_peft(self.policy):
+        elif not is_peft(self.policy):
             self.reference = ppo_models.frozen_copy(self.policy)
         r = self.reward_cfg
         if r.model is not None:
-            from rlhf_lightning.modules.reward_export import load_reward_model
-
             rm, rm_tok, self.reward_stats = load_reward_model(r.model)
             # train mode like the rest of the module (Lightning warns otherwise); dropout is off
             # and training_step switches the frozen models to eval before using them
@@ -202,13 +197,11 @@ class PPOModule(pl.LightningModule):
                     f"model.reward.model: {r.model} has no reward_stats.json; raw rewards"
                 )
         else:
-            self.reward_fn = load_callable(r.function, "model.reward.function")
-            if r.function_kwargs:
-                self.reward_fn = functools.partial(self.reward_fn, **r.function_kwargs)
+            self.reward_fn = load_scorer(
+                r.function, "model.reward.function", r.function_kwargs, r.function_batched
+            )
         if r.gold is not None:
-            self.gold_fn = load_callable(r.gold, "model.reward.gold")
-            if r.gold_kwargs:
-                self.gold_fn = functools.partial(self.gold_fn, **r.gold_kwargs)
+            self.gold_fn = load_scorer(r.gold, "model.reward.gold", r.gold_kwargs)
         kind = self.critic_cfg.kind
         if kind == "auto":
             kind = "reward_model" if r.model is not None else "policy_copy"
@@ -218,8 +211,6 @@ class PPOModule(pl.LightningModule):
         elif kind == "policy_copy":
             self.critic = ppo_models.critic_from_policy(self.policy)
         else:
-            from rlhf_lightning.models.heads import ValueHead
-
             self.value_head = ValueHead(self.policy.config.hidden_size)
 
     def configure_optimizers(self):
@@ -256,38 +247,28 @@ class PPOModule(pl.LightningModule):
         return list(scheds) if isinstance(scheds, list | tuple) else [scheds]
 
     # ------------------------------------------------------------------ data helpers
-    def decode_responses(self, rollout: Rollout) -> list[str]:
-        """Response texts without EOS/padding."""
-        tok = self._get_tokenizer()
-        texts = []
-        for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
-            kept = [t for t, m in zip(ids, mask) if m and t not in self.eos_ids]
-            texts.append(tok.decode(kept, skip_special_tokens=True).strip())
-        return texts
-
     def next_ptx_batch(self) -> dict:
-        """Next demonstration batch for PPO-ptx (seeded order; position saved in checkpoints)."""
-        if self._ptx_iter is None:
-            self._ptx_iter = self._ptx_batches()
-        batch = next(self._ptx_iter)
+        """Next demonstration batch for PPO-ptx, in the datamodule's seeded epoch order
+        (`EpochBatches`; its position is saved in checkpoints)."""
+        if self._ptx is None:
+            dm = self.trainer.datamodule
+            loader = dm.dataloader(
+                "demonstration", "train", batch_size=self.update_cfg.ptx_batch_size, shuffle=False
+            )
+            self._ptx = EpochBatches(
+                loader.dataset,
+                loader.collate_fn,
+                loader.batch_size,
+                seed=int(getattr(dm, "seed", 0)),
+                position=self._ptx_start,
+            )
+        batch = next(self._ptx)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _ptx_batches(self):
-        dm = self.trainer.datamodule
-        loader = dm.dataloader(
-            "demonstration", "train", batch_size=self.update_cfg.ptx_batch_size, shuffle=False
-        )
-        size, data = loader.batch_size, loader.dataset
-        while True:
-            gen = torch.Generator().manual_seed(
-                int(getattr(dm, "seed", 0)) + self._ptx_pos["epoch"]
-            )
-            order = torch.randperm(len(data), generator=gen).tolist()
-            starts = list(range(0, len(order) - size + 1, size)) or [0]
-            for start in starts[self._ptx_pos["consumed"] :]:
-                self._ptx_pos["consumed"] += 1
-                yield loader.collate_fn([data[i] for i in order[start : start + size]])
-            self._ptx_pos = {"epoch": self._ptx_pos["epoch"] + 1, "consumed": 0}
+    @property
+    def ptx_position(self) -> dict[str, int]:
+        """PPO-ptx data position `{"epoch", "consumed"}` (saved in checkpoints)."""
+        return self._ptx.state_dict() if self._ptx is not None else dict(self._ptx_start)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -353,15 +334,8 @@ class PPOModule(pl.LightningModule):
         if self.trainer.global_rank != 0 or self.policy is None:
             return
         out = self.resolved_export_dir()
-        export_pretrained(self.policy, self._get_tokenizer(), out)
+        export_pretrained(self.policy, self.tokenizer, out)
         rank_zero_info(f"PPO policy exported to {out}")
-
-    def resolved_export_dir(self) -> Path:
-        """`export_dir`, or `<log_dir>/export` (cwd/export without a logger)."""
-        if self.export_dir:
-            return Path(self.export_dir)
-        log_dir = self.trainer.log_dir if self._trainer is not None else None
-        return Path(log_dir or ".") / "export"
 
     # ------------------------------------------------------------------ checkpoints
     def _rebuildable_prefixes(self) -> tuple[str, ...]:
@@ -384,7 +358,7 @@ class PPOModule(pl.LightningModule):
             "running": self.running.state_dict(),
             "rng": rng,
             "rng_per_rank": module_ranks(self).gather([rng]),  # one state per data-parallel rank
-            "ptx_position": dict(self._ptx_pos),
+            "ptx_position": self.ptx_position,
             "history": self.history,
             "warnings": self.warnings,
         }
@@ -407,5 +381,5 @@ class PPOModule(pl.LightningModule):
         self.monitor.load_state_dict(ppo["monitor"])
         self.running.load_state_dict(ppo["running"])
         self._rng = rank_rng_state(ppo, self.global_rank, getattr(self._trainer, "world_size", 1))
-        self._ptx_pos, self._ptx_iter = dict(ppo["ptx_position"]), None
+        self._ptx_start, self._ptx = dict(ppo["ptx_position"]), None
         self.history, self.warnings = list(ppo["history"]), list(ppo["warnings"])

@@ -1,14 +1,14 @@
 """RewardModule: reward-model training (step 2 of RLHF) on pairwise or K-wise rankings.
 
 A scalar head on a causal-LM / sequence-classification backbone scores every response of
-every prompt in ONE forward over the stacked batch (`kind="preference"`, see SPEC:
+every prompt in ONE forward over the stacked batch (`kind="preference"`, see docs/data.md:
 `input_ids [R, T]`, `group [R]`, `rank [R]`, `margin [G]`). The score is read at the last
 attended token (padding side and pad id do not matter). Loss: InstructGPT's K-wise loss
 (Ouyang et al. 2022, eq. 1) — Bradley–Terry over all C(K,2) pairs of a prompt, averaged
 per prompt — which is plain Bradley–Terry for pairs, with an optional per-record margin
 (Touvron et al. 2023) and an optional reward-centering term (Eisenstein et al. 2023).
 At the end of `fit` the model is exported for `AutoModelForSequenceClassification`
-with `reward_stats.json` (see `reward_export`).
+with `reward_stats.json` (see `rlhf_lightning.models.reward_export`).
 
 TensorBoard tags: `reward/train/*`, `reward/val/*` (accuracy, margin, chosen/rejected
 mean and std, histograms), `reward/val/worst_pairs` (text table), `perf/*`.
@@ -17,22 +17,21 @@ mean and std, histograms), `reward/val/worst_pairs` (text table), `perf/*`.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
+from rlhf_lightning.models.reward_export import export_reward_model, score_rows
+from rlhf_lightning.modules.base import StageModule
 from rlhf_lightning.modules.common import OptimConfig, lightning_optimizers, log_text_table
-from rlhf_lightning.modules.reward_export import export_reward_model, score_rows
 from rlhf_lightning.modules.reward_losses import reward_model_loss
 from rlhf_lightning.modules.reward_metrics import PairwiseAccuracy, RewardMoments
 from rlhf_lightning.modules.reward_packing import packing_is_exact, score_rows_packed
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(StageModule):
     """Trains a scalar reward model on ranked responses and exports it at the end of fit."""
 
     data_kind = "preference"
@@ -107,11 +106,6 @@ class RewardModule(L.LightningModule):
         self._step_start = 0.0
 
     # ------------------------------------------------------------------ model
-    @property
-    def tokenizer(self):
-        """The datamodule's tokenizer (vocab size, pad id, decoding for tables and export)."""
-        return self.trainer.datamodule.tokenizer
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -270,12 +264,6 @@ class RewardModule(L.LightningModule):
         self._worst = sorted(self._worst, key=lambda r: r["margin"])[: self.worst_pairs]
 
     # ------------------------------------------------------------------ export
-    def resolved_export_dir(self) -> Path:
-        """`export_dir`, or `<log_dir>/export` when unset."""
-        if self.export_dir:
-            return Path(self.export_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export"
-
     @torch.no_grad()
     def reward_stats(self) -> dict:
         """Mean / std of rewards over the training split (best responses, and all rows)."""

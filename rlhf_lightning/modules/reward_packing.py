@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_lightning.modules.reward_export import backbone_and_head, score_rows
+from rlhf_lightning.models.heads import scalar_head
+from rlhf_lightning.models.reward_export import backbone_and_head, score_rows
 
 
 def shared_prefix_lengths(
@@ -119,7 +120,7 @@ def score_rows_packed(
     hidden = backbone(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [1, N, H]
-    return head(hidden[0, last]).squeeze(-1).float()  # [R]
+    return scalar_head(head, hidden[0, last])  # [R]
 
 
 @torch.no_grad()

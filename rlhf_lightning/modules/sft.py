@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from rlhf_lightning.models.loading import ModelSpec, export_pretrained, load_causal_lm
+from rlhf_lightning.modules.base import StageModule
 from rlhf_lightning.modules.common import OptimConfig, lightning_optimizers, log_text_table
 
 IGNORE_INDEX = -100
@@ -56,7 +55,7 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll_sum, n_tokens
 
 
-class SFTModule(pl.LightningModule):
+class SFTModule(StageModule):
     """Supervised fine-tuning on demonstration records (prompt → response)."""
 
     data_kind = "demonstration"
@@ -96,7 +95,6 @@ class SFTModule(pl.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.sample_temperature = sample_temperature
         self.model = None
-        self.tokenizer = None
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self._reset_window()
@@ -105,22 +103,11 @@ class SFTModule(pl.LightningModule):
         self._last_sample_step = -1
 
     # ------------------------------------------------------------------ model
-    def _get_tokenizer(self):
-        if self.tokenizer is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-            if datamodule is None or not hasattr(datamodule, "tokenizer"):
-                raise RuntimeError(
-                    "SFTModule needs a tokenizer: attach an RLHFDataModule to the Trainer "
-                    "or set `module.tokenizer`"
-                )
-            self.tokenizer = datamodule.tokenizer
-        return self.tokenizer
-
     def configure_model(self) -> None:
         """Load or build the causal LM (vocab size and special ids from the tokenizer)."""
         if self.model is not None:
             return
-        tok = self._get_tokenizer()
+        tok = self.tokenizer
         self.model = load_causal_lm(
             self.model_spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id
         )
@@ -230,7 +217,7 @@ class SFTModule(pl.LightningModule):
         from rlhf_lightning.data.collate import collate_prompts
         from rlhf_lightning.data.templates import Tokenizing, TokenStats
 
-        tok = self._get_tokenizer()
+        tok = self.tokenizer
         datamodule = getattr(self.trainer, "datamodule", None)
         max_prompt = getattr(datamodule, "max_prompt_length", 256)
         tokenizing = Tokenizing(tok, max_prompt + 1, max_prompt)
@@ -278,16 +265,9 @@ class SFTModule(pl.LightningModule):
         log_text_table(self.trainer.loggers, "samples/sft", self.generate_samples(records), step)
 
     # ----------------------------------------------------------------- export
-    def resolved_export_dir(self) -> Path:
-        """Where `on_fit_end` writes the export."""
-        if self.export_dir:
-            return Path(self.export_dir)
-        base = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(base) / "export"
-
     def on_fit_end(self) -> None:
         """`save_pretrained` model (LoRA merged) + tokenizer, loadable by plain transformers."""
         if not self.trainer.is_global_zero or self.model is None:
             return
-        out = export_pretrained(self.model, self._get_tokenizer(), self.resolved_export_dir())
+        out = export_pretrained(self.model, self.tokenizer, self.resolved_export_dir())
         rank_zero_info(f"SFT export written to {out}")

@@ -5,8 +5,10 @@
   terms normalised by a global token count, and the `PPOStats` accumulator.
 - `kl_control`: fixed and adaptive (Ziegler et al. 2019) KL-coefficient controllers.
 - `monitor`: proxy-vs-gold trend and degenerate-output (distinct-n, repeated n-gram) warnings.
-- `rollout`: the shape-documented `Rollout` container, generation, log-prob/value passes,
-  reward callables; `experience` (steps 1–4) and `step` (step 5) of one PPO iteration.
+- `rollout`: the shape-documented `Rollout` container, generation, log-prob/value passes, running
+  reward moments; `experience` (steps 1–4) and `step` (step 5) of one PPO iteration. Reward and
+  gold callables load through `rlhf_lightning.scorers`; masks, positions, EOS and last-token
+  scoring come from `rlhf_lightning.models` (`masks`, `heads`, `reward_export`).
 - `models`: critic, frozen reference, dropout control; `config`: the option dataclasses;
   `reporting`: metrics/tables/histograms;
   `state`: RNG snapshots; `toy`: trivial rewards for smoke tests; `distributed`: the

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_lightning.models.masks import last_token_index
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 
 __all__ = [
-    "last_valid_index",
     "masked_mean",
     "masked_moments",
     "masked_var",
@@ -32,12 +32,6 @@ __all__ = [
     "gae",
     "explained_variance",
 ]
-
-
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid token of each row (0 for an empty row). `mask` [B, R] → Long[B]."""
-    positions = torch.arange(mask.shape[-1], device=mask.device)  # [R]
-    return (mask.bool() * positions).amax(dim=-1)  # [B]
 
 
 def masked_mean(
@@ -111,7 +105,7 @@ def kl_penalised_rewards(
     """
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m  # [B, R]
-    last = last_valid_index(mask)  # [B]
+    last = last_token_index(mask)  # [B]
     has_tokens = m.sum(-1) > 0  # [B]
     bonus = torch.where(has_tokens, scores.to(kl.dtype), torch.zeros_like(scores, dtype=kl.dtype))
     return rewards.scatter_add(1, last[:, None], bonus[:, None])  # [B, R]

@@ -49,14 +49,15 @@ class RewardConfig:
     """Reward callable as an import path `module:function`, called with (prompts, responses) →
     list of floats, or with (prompt, response) → float (see `function_batched`)."""
     function_kwargs: dict | None = None
-    """Extra keyword arguments bound to `function` (e.g. `{word: good}`)."""
+    """Extra keyword arguments bound to `function` (e.g. `{word: good}`); a class is instantiated
+    with them instead (see `rlhf_lightning.scorers`)."""
     function_batched: bool | None = None
     """Whether `function` takes lists; null = try lists first and fall back to one call per sample."""
     gold: str | None = None
     """Optional gold labeler `module:function` (same calling convention), logged as
     `objective/gold` and watched by the over-optimisation monitor; never used for training."""
     gold_kwargs: dict | None = None
-    """Extra keyword arguments bound to `gold`."""
+    """Extra keyword arguments bound to `gold` (a class is instantiated with them)."""
     normalize: str = "stats"
     """`stats`: (r − mean) / std with the RM export's reward_stats.json; `running`: with running
     statistics of the rewards seen so far; `none`: raw rewards."""

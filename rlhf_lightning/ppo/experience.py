@@ -18,15 +18,15 @@ import torch
 from transformers import GenerationConfig as HFGenerationConfig
 
 from rlhf_lightning.kernels import kl_penalty
+from rlhf_lightning.models.masks import ends_with_eos, response_texts
+from rlhf_lightning.models.reward_export import normalise, score_rows, score_texts
 from rlhf_lightning.ppo.advantages import gae, kl_penalised_rewards, whiten
 from rlhf_lightning.ppo.distributed import module_ranks
 from rlhf_lightning.ppo.models import reference_context
 from rlhf_lightning.ppo.rollout import (
     Rollout,
-    call_reward_fn,
     critic_values,
     generate,
-    position_ids,
     reference_logprobs,
     response_forward,
     trim_left_padding,
@@ -35,7 +35,6 @@ from rlhf_lightning.ppo.rollout import (
 __all__ = [
     "collect_experience",
     "hf_generation_config",
-    "score_reward_model",
     "micro_batches",
     "uses_sampler_logprobs",
     "exact_float32",
@@ -63,38 +62,19 @@ def hf_generation_config(cfg, tokenizer) -> HFGenerationConfig:
     )
 
 
-@torch.no_grad()
-def score_reward_model(reward_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scalar RM score per row, read at the last attended token. ids/mask Long[B, T] → Float[B]."""
-    from rlhf_lightning.models.heads import gather_last
-    from rlhf_lightning.modules.reward_export import backbone_and_head
-
-    trunk, head = backbone_and_head(reward_model)
-    hidden = trunk(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-    ).last_hidden_state  # [B, T, H]
-    pooled = gather_last(hidden, mask)  # [B, H]
-    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()  # [B]
-
-
 def _score(module, batch, rollout: Rollout, responses: list[str]) -> torch.Tensor:
     """Raw sequence rewards Float[B] from the RM export or the reward callable."""
     cfg = module.reward_cfg
     prompts = list(batch["prompt_text"])
     if module.reward_fn is not None:
-        scores = call_reward_fn(
-            module.reward_fn, prompts, responses, cfg.function_batched, "model.reward.function"
-        )
+        scores = module.reward_fn(prompts, responses)  # a `scorers.BatchScorer`
         return torch.tensor(scores, dtype=torch.float32, device=rollout.query_ids.device)
     if module.reward_tokenizer is not None:  # different vocabulary: score re-tokenised text
-        from rlhf_lightning.modules.reward_export import score_texts
-
         eos = module.reward_tokenizer.eos_token or ""
-        ends = rollout.response_ids.gather(1, (rollout.response_mask.sum(1) - 1)[:, None])[:, 0]
-        has_eos = torch.isin(ends, torch.tensor(module.eos_ids, device=ends.device)).tolist()
+        has_eos = ends_with_eos(rollout.response_ids, rollout.response_mask, module.eos_ids)
         texts = [
             p + module.response_separator + r + (eos if e else "")
-            for p, r, e in zip(prompts, responses, has_eos)
+            for p, r, e in zip(prompts, responses, has_eos.tolist())
         ]
         scores = score_texts(
             module.reward_model, module.reward_tokenizer, texts, batch_size=cfg.micro_batch_size
@@ -103,7 +83,7 @@ def _score(module, batch, rollout: Rollout, responses: list[str]) -> torch.Tenso
     out = []
     for part in micro_batches(len(rollout), cfg.micro_batch_size):
         sub = rollout.select(torch.arange(len(rollout))[part])
-        out.append(score_reward_model(module.reward_model, sub.input_ids, sub.attention_mask))
+        out.append(score_rows(module.reward_model, sub.input_ids, sub.attention_mask))
     return torch.cat(out)  # [B]
 
 
@@ -112,15 +92,12 @@ def _shape_scores(module, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     cfg = module.reward_cfg
     scores = raw.clone()
     if cfg.normalize == "stats" and module.reward_stats:
-        from rlhf_lightning.modules.reward_export import normalise
-
         scores = normalise(scores, module.reward_stats)
     elif cfg.normalize == "running":
         module.running.update(raw, module_ranks(module))  # moments of every rank's rewards
         scores = (scores - module.running.mean) / max(module.running.std, 1e-6)
     if cfg.missing_eos_penalty is not None:
-        ends = rollout.response_ids.gather(1, (rollout.response_mask.sum(1) - 1)[:, None])[:, 0]
-        has_eos = torch.isin(ends, torch.tensor(module.eos_ids, device=ends.device))  # [B]
+        has_eos = ends_with_eos(rollout.response_ids, rollout.response_mask, module.eos_ids)  # [B]
         scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
     if cfg.clip is not None:
         scores = scores.clamp(-cfg.clip, cfg.clip)
@@ -235,14 +212,14 @@ def collect_experience(module, batch: dict) -> tuple[Rollout, dict]:
 
         # 2. score: RM export or reward callable; normalise, missing-EOS penalty, clip
         t0 = time.perf_counter()
-        texts = module.decode_responses(rollout)
+        texts = response_texts(
+            module.tokenizer, rollout.response_ids, rollout.response_mask, module.eos_ids
+        )
         raw = _score(module, batch, rollout, texts)  # [B]
         rollout.scores_raw = raw
         rollout.scores = _shape_scores(module, raw, rollout)  # [B]
         if module.gold_fn is not None:
-            info["gold"] = call_reward_fn(
-                module.gold_fn, list(batch["prompt_text"]), texts, None, "model.reward.gold"
-            )
+            info["gold"] = module.gold_fn(list(batch["prompt_text"]), texts)
         info["responses"], info["prompts"] = texts, list(batch["prompt_text"])
         info["score_s"] = time.perf_counter() - t0
 

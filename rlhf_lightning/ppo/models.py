@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 
 import torch
 from torch import nn
+
+from rlhf_lightning.models.heads import scalar_head, trunk_hidden
+from rlhf_lightning.models.loading import is_peft, unwrap_peft
+from rlhf_lightning.models.reward_export import backbone_and_head, reward_scale
 
 __all__ = [
     "CriticModel",
@@ -27,7 +30,6 @@ __all__ = [
     "frozen_copy",
     "reference_context",
     "disable_dropout",
-    "is_peft",
 ]
 
 
@@ -39,20 +41,11 @@ class CriticModel(nn.Module):
         self.trunk = trunk
         self.head = head
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids/attention_mask Long[B, T] → values Float[B, T]."""
-        hidden = self.trunk(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # [B, T, H]
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # [B, T]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids/attention_mask Long[B, T] → values Float[B, T] (positions from the mask,
+        as in `models.heads.trunk_hidden`)."""
+        hidden = trunk_hidden(self.trunk, input_ids, attention_mask)  # [B, T, H]
+        return scalar_head(self.head, hidden)  # [B, T]
 
 
 def _normalised_head(head: nn.Module, stats: dict | None) -> nn.Linear:
@@ -60,11 +53,7 @@ def _normalised_head(head: nn.Module, stats: dict | None) -> nn.Linear:
     weight = head.weight.detach()  # [1, H]
     bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
     out = nn.Linear(weight.shape[1], 1, bias=True, dtype=weight.dtype, device=weight.device)
-    mean, std = 0.0, 1.0
-    if stats:
-        mean = float(stats.get("mean", 0.0))
-        std = float(stats.get("std", 1.0))
-        std = std if math.isfinite(std) and std > 1e-6 else 1.0
+    mean, std = reward_scale(stats)
     with torch.no_grad():
         out.weight.copy_(weight / std)
         out.bias.fill_(-mean / std)
@@ -75,8 +64,6 @@ def _normalised_head(head: nn.Module, stats: dict | None) -> nn.Linear:
 
 def critic_from_reward_model(reward_model: nn.Module, stats: dict | None) -> CriticModel:
     """Trainable critic initialised from an RM export (`AutoModelForSequenceClassification`)."""
-    from rlhf_lightning.modules.reward_export import backbone_and_head
-
     trunk, head = backbone_and_head(reward_model)
     critic = CriticModel(copy.deepcopy(trunk), _normalised_head(head, stats))
     return critic.requires_grad_(True)
@@ -84,7 +71,7 @@ def critic_from_reward_model(reward_model: nn.Module, stats: dict | None) -> Cri
 
 def critic_from_policy(policy: nn.Module) -> CriticModel:
     """Trainable critic = copy of the policy's trunk + zero-initialised head."""
-    inner = policy.get_base_model() if is_peft(policy) else policy
+    inner = unwrap_peft(policy, merge=False)
     trunk = copy.deepcopy(inner.base_model)
     hidden = inner.config.hidden_size
     dtype = next(trunk.parameters()).dtype
@@ -92,11 +79,6 @@ def critic_from_policy(policy: nn.Module) -> CriticModel:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return CriticModel(trunk, head).requires_grad_(True)
-
-
-def is_peft(model: nn.Module) -> bool:
-    """True for a peft-wrapped model (has `disable_adapter`)."""
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

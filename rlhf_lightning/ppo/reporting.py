@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from rlhf_lightning.models.masks import ends_with_eos
 from rlhf_lightning.ppo.advantages import explained_variance, masked_mean
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 from rlhf_lightning.ppo.rollout import Rollout
@@ -116,6 +117,5 @@ def log_histograms(logger, rollout: Rollout, step: int) -> bool:
 
 def eos_fraction(rollout: Rollout, eos_ids: list[int]) -> float:
     """Fraction of responses that end with an EOS token."""
-    last = (rollout.response_mask.sum(1) - 1).clamp(min=0)  # [B]
-    ends = rollout.response_ids.gather(1, last[:, None])[:, 0]  # [B]
-    return float(torch.isin(ends, torch.tensor(eos_ids, device=ends.device)).float().mean())
+    ends = ends_with_eos(rollout.response_ids, rollout.response_mask, eos_ids)  # [B]
+    return float(ends.float().mean())

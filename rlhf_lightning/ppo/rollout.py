@@ -4,8 +4,9 @@ Sequence layout used everywhere in PPO: `input_ids = [query | response]` with th
 padded to width P and the response RIGHT padded to width R (tokens after the first EOS are
 padding). The logits that predict response token t sit at position P − 1 + t, so a forward pass
 keeps only the last R + 1 positions (`logits_to_keep`) and drops the final one. Position ids are
-`cumsum(attention_mask) − 1`, the same rule `generate` uses for left-padded prompts, so the
-training forward reproduces the sampler's log-probs exactly (checked by `ratio_at_start`).
+`cumsum(attention_mask) − 1` (`rlhf_lightning.models.masks.position_ids`), the same rule
+`generate` uses for left-padded prompts, so the training forward reproduces the sampler's
+log-probs exactly (checked by `ratio_at_start`). Reward callables: `rlhf_lightning.scorers`.
 
 References: Ziegler et al. 2019 and Stiennon et al. 2020 (rollout → score → KL-penalised reward);
 Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (EOS handling, padding,
@@ -15,28 +16,24 @@ temperature-consistent log-probs).
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from rlhf_lightning.kernels import token_logprobs, token_stats
+from rlhf_lightning.models.masks import position_ids, response_mask
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 
 __all__ = [
     "Rollout",
     "Samples",
     "trim_left_padding",
-    "response_mask",
-    "position_ids",
     "generate",
     "response_forward",
     "critic_values",
-    "load_callable",
-    "call_reward_fn",
     "RunningMoments",
 ]
 
@@ -93,22 +90,6 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     used = mask.bool().any(0)  # [P]
     first = int(used.long().argmax()) if bool(used.any()) else mask.shape[1] - 1
     return ids[:, first:], mask[:, first:]
-
-
-def response_mask(response_ids: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
-    """Long[B, R]: 1 on tokens up to and including the first EOS, 0 after it.
-
-    Works when pad == eos (generation pads finished rows with the pad id).
-    """
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))  # [B, R]
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
-    return (eos_before == 0).long()  # [B, R]
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Long[B, T] positions counting attended tokens only (left padding gets 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -255,67 +236,9 @@ def reference_logprobs(
 
 def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
     """Values V(s_t) of a separate critic (`ppo.models.CriticModel`) for the response steps."""
-    attention = rollout.attention_mask
-    values = critic(rollout.input_ids, attention, position_ids(attention))  # [B, P + R]
+    values = critic(rollout.input_ids, rollout.attention_mask)  # [B, P + R]
     steps = rollout.response_ids.shape[1]
     return values[:, -steps - 1 : -1] * rollout.response_mask  # [B, R]
-
-
-def load_callable(path: str, field: str) -> Callable:
-    """Import `module:function` (one-line error naming `field` when it cannot)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{field}: {path!r} is not an import path of the form 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{field}: cannot import module {module_name!r} ({err})") from err
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"{field}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"{field}: {path!r} is not callable")
-    return fn
-
-
-def call_reward_fn(
-    fn: Callable, prompts: list[str], responses: list[str], batched: bool | None, field: str
-) -> list[float]:
-    """Scores from a (prompts, responses) → list or (prompt, response) → float callable.
-
-    With `batched=None`, lists are tried first; a result that is not a sequence of len(prompts)
-    numbers (or an exception) falls back to one call per pair.
-    """
-    scores = None
-    batch_error: Exception | None = None
-    if batched is not False:
-        try:
-            out = fn(prompts, responses)
-        except Exception as err:  # a per-sample function given lists fails in arbitrary ways
-            if batched:
-                raise
-            out, batch_error = None, err
-        if isinstance(out, torch.Tensor):
-            out = out.tolist()
-        if isinstance(out, Sequence) and len(out) == len(prompts):
-            scores = [float(x) for x in out]
-        elif batched:
-            raise ValueError(f"{field}: expected a list of {len(prompts)} floats, got {type(out)}")
-    if scores is None:
-        try:
-            scores = [float(fn(p, r)) for p, r in zip(prompts, responses)]
-        except Exception as err:
-            if batch_error is not None:
-                raise ValueError(
-                    f"{field}: fails with lists ({batch_error!r}) and per sample ({err!r})"
-                ) from err
-            raise
-    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
-    if bad:
-        raise ValueError(f"{field}: non-finite reward for sample {bad[0]}: {responses[bad[0]]!r}")
-    return scores
 
 
 class RunningMoments:

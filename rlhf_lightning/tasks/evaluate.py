@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from types import SimpleNamespace
 
 import torch
 
 from rlhf_lightning.data.datamodule import RLHFDataModule
 from rlhf_lightning.data.sources import DataSource
-from rlhf_lightning.labeling import load_labeler, prompt_for_labeler, sample_responses
+from rlhf_lightning.labeling import SamplingConfig, prompt_for_labeler, sample_responses
 from rlhf_lightning.models.loading import ModelSpec, load_causal_lm
 from rlhf_lightning.ppo.monitor import distinct_n
+from rlhf_lightning.scorers import load_scorer
 
 
 def evaluate_policy(
@@ -53,11 +53,10 @@ def evaluate_policy(
     )
     tokenizer = dm.tokenizer
     model = load_causal_lm(ModelSpec(name_or_path=policy_dir)).eval()
-    sampling = SimpleNamespace(
-        device="cpu", temperature=temperature, top_p=1.0, top_k=0,
-        max_new_tokens=max_new_tokens, num_responses=samples_per_prompt,
-    )  # fmt: skip
-    scorer = load_labeler(labeler)
+    sampling = SamplingConfig(
+        num_responses=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    scorer = load_scorer(labeler, "labeler")
     prompts, responses = [], []
     for i, batch in enumerate(dm.dataloader("prompt", "train", shuffle=False)):
         groups = sample_responses(model, tokenizer, batch, sampling, seed + i)

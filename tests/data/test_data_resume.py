@@ -1,4 +1,5 @@
-"""Mid-epoch resume: the batches after a restore equal those of an uninterrupted run."""
+"""Mid-epoch resume: the batches after a restore equal those of an uninterrupted run (the
+training loader, and `EpochBatches` for PPO-ptx)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from rlhf_lightning.data import DataSource
 from rlhf_lightning.data.datamodule import RLHFDataModule
-from rlhf_lightning.data.sampling import EpochShuffleSampler
+from rlhf_lightning.data.sampling import EpochBatches, EpochShuffleSampler
 
 
 class _Recorder(pl.LightningModule):
@@ -86,3 +87,35 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     b.skip_next(4)
     assert list(b) == list(a)[4:]
     assert len(list(b)) == 10  # the skip applies to one iteration only
+
+
+def _old_ptx_batches(data, size: int, seed: int, pos: dict):
+    """PPO-ptx's former generator (`PPOModule._ptx_batches`), batches as index lists."""
+    while True:
+        order = torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(seed + pos["epoch"])
+        )
+        order = order.tolist()
+        starts = list(range(0, len(order) - size + 1, size)) or [0]
+        for start in starts[pos["consumed"] :]:
+            pos["consumed"] += 1
+            yield [data[i] for i in order[start : start + size]]
+        pos.update(epoch=pos["epoch"] + 1, consumed=0)
+
+
+@pytest.mark.parametrize("n,size", [(3, 5), (5, 5), (11, 4)], ids=["short", "equal", "longer"])
+def test_epoch_batches_follow_the_old_ptx_order_and_resume(n, size):
+    data = list(range(100, 100 + n))
+    old_pos = {"epoch": 0, "consumed": 0}
+    old = _old_ptx_batches(data, size, 7, old_pos)
+    new = EpochBatches(data, list, size, seed=7)
+    for _ in range(9):  # several epochs
+        torch.rand(3)  # global RNG use must not change the order
+        assert next(new) == next(old)
+        assert new.state_dict() == old_pos
+    resumed = EpochBatches(data, list, size, seed=7, position=new.state_dict())
+    assert [next(resumed) for _ in range(5)] == [next(new) for _ in range(5)]
+    sampler = EpochShuffleSampler(n, seed=7)
+    sampler.set_epoch(0)
+    first = EpochBatches(data, list, size, seed=7)
+    assert next(first) == [data[i] for i in sampler.order().tolist()[:size]]

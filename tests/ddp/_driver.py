@@ -180,7 +180,8 @@ def run_rm(out: Path, name: str, devices: int, precision: str) -> None:
 def fixed_generate(model, query_ids, query_mask, *, eos_token_id, pad_token_id, **kw):
     """Stand-in for `rollout.generate`: a response that depends only on the prompt's tokens, so a
     PPO iteration is a deterministic function of its prompts (no sampling noise)."""
-    from rlhf_lightning.ppo.rollout import Samples, response_mask
+    from rlhf_lightning.models.masks import response_mask
+    from rlhf_lightning.ppo.rollout import Samples
 
     eos = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
     good = [t for t in range(5, model.config.vocab_size) if t not in (eos, pad_token_id)]

@@ -12,9 +12,11 @@ from rlhf_lightning.models.loading import (
     ModelSpec,
     ModelSpecError,
     export_pretrained,
+    is_peft,
     load_causal_lm,
     load_sequence_classifier,
     resolve_dtype,
+    unwrap_peft,
 )
 
 
@@ -86,6 +88,22 @@ def test_lora_and_gradient_checkpointing(tmp_path, tiny_config, within_torch_err
         exact = copy.deepcopy(model).double()(ids).logits  # [B, T, V] float64
         within_torch_error(plain(ids).logits, model(ids).logits, exact, name="merged logits")
     assert hasattr(model, "merge_and_unload")  # live model still wrapped
+
+
+def test_unwrap_peft_merges_a_copy_or_returns_the_wrapped_model(tiny_config):
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    model = load_causal_lm(ModelSpec(config=tiny_config(30), lora=lora))
+    plain = load_causal_lm(ModelSpec(config=tiny_config(30)))
+    assert is_peft(model) and not is_peft(plain)
+    assert unwrap_peft(plain, merge=True) is plain and unwrap_peft(plain, merge=False) is plain
+    inner = unwrap_peft(model, merge=False)
+    assert inner is model.get_base_model()
+    assert any("lora_" in name for name, _ in inner.named_parameters())  # adapters still injected
+    merged = unwrap_peft(model, merge=True)
+    assert not is_peft(merged) and not any("lora_" in n for n, _ in merged.named_parameters())
+    assert is_peft(model)  # the live model is left wrapped
+    with pytest.raises(TypeError):
+        unwrap_peft(model)  # merge is a required keyword
 
 
 def test_missing_local_dir_is_one_line_spec_error(tmp_path):

@@ -18,9 +18,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf_lightning.data.datamodule import RLHFDataModule
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
+from rlhf_lightning.models.reward_export import STATS_FILE, load_reward_model, score_rows
 from rlhf_lightning.modules.common import OptimConfig
 from rlhf_lightning.modules.reward import RewardModule
-from rlhf_lightning.modules.reward_export import STATS_FILE, load_reward_model, score_rows
 
 PROMPTS = list("abcdefghijklmnopqrstuvwxyz")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
-from rlhf_lightning.modules.reward_export import score_rows
+from rlhf_lightning.models.reward_export import score_rows
 from rlhf_lightning.modules.reward_packing import (
     pack_groups,
     packing_is_exact,

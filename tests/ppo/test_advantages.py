@@ -9,7 +9,6 @@ from rlhf_lightning.ppo.advantages import (
     explained_variance,
     gae,
     kl_penalised_rewards,
-    last_valid_index,
     masked_mean,
     whiten,
 )
@@ -81,7 +80,6 @@ def test_kl_penalised_rewards_score_at_last_token():
     rewards = kl_penalised_rewards(torch.tensor([1.0, -2.0, 5.0]), kl, mask, kl_coef=0.5)
     expected = [[-0.05, -0.1, -0.15 + 1.0, 0.0], [-0.25 - 2.0, 0, 0, 0], [0, 0, 0, 0]]
     assert rewards.tolist() == [pytest.approx(row) for row in expected]
-    assert last_valid_index(mask).tolist() == [2, 0, 0]
 
 
 def test_explained_variance():

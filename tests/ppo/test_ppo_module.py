@@ -217,6 +217,8 @@ def test_options_ptx_value_head_kl_loss_full(tmp_path, tiny_tokenizer, tiny_conf
         ),
     )
     dm = _datamodule(tiny_tokenizer, n_prompts=32, demos=True)
+    drawn, next_ptx_batch = [], module.next_ptx_batch
+    module.next_ptx_batch = lambda: drawn.append(next_ptx_batch()) or drawn[-1]
     _trainer(tmp_path, limit_train_batches=2).fit(module, datamodule=dm)
     assert module.critic is None and module.value_head is not None
     assert len(module.history) == 2
@@ -225,7 +227,15 @@ def test_options_ptx_value_head_kl_loss_full(tmp_path, tiny_tokenizer, tiny_conf
             assert math.isfinite(h[key]), key
     assert module.history[0]["ppo/loss/ptx"] > 0
     # 2 iterations × 2 epochs × 2 minibatches = 8 ptx batches = 2 passes over 16 demos / 4
-    assert module._ptx_pos == {"epoch": 1, "consumed": 4}
+    assert module.ptx_position == {"epoch": 1, "consumed": 4}
+    # the order of the former `_ptx_batches`: randperm(seed + epoch), full batches of 4
+    loader = dm.dataloader("demonstration", "train", batch_size=4, shuffle=False)
+    data = loader.dataset
+    assert len(drawn) == 8
+    for k, batch in enumerate(drawn):
+        order = torch.randperm(16, generator=torch.Generator().manual_seed(dm.seed + k // 4))
+        old = loader.collate_fn([data[i] for i in order[(k % 4) * 4 : (k % 4) * 4 + 4].tolist()])
+        assert torch.equal(batch["input_ids"], old["input_ids"]), k
     trainable = {
         id(p) for opt in module.trainer.optimizers for g in opt.param_groups for p in g["params"]
     }
@@ -248,8 +258,7 @@ def test_lora_policy_uses_adapters_disabled_as_reference(tmp_path, tiny_tokenize
 
 def test_reward_model_export_and_critic_init(tmp_path, tiny_tokenizer, tiny_config):
     from rlhf_lightning.models.loading import load_sequence_classifier
-    from rlhf_lightning.modules.reward_export import export_reward_model
-    from rlhf_lightning.ppo.experience import score_reward_model
+    from rlhf_lightning.models.reward_export import export_reward_model, score_rows
 
     torch.manual_seed(1)
     rm = load_sequence_classifier(ModelSpec(config=tiny_config(len(tiny_tokenizer))))
@@ -270,8 +279,8 @@ def test_reward_model_export_and_critic_init(tmp_path, tiny_tokenizer, tiny_conf
     fresh.configure_model()
     ids = torch.tensor([[2, 5, 6, 7], [0, 2, 8, 9]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
-    raw = score_reward_model(fresh.reward_model, ids, mask)
-    values = fresh.critic(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1]
+    raw = score_rows(fresh.reward_model, ids, mask)
+    values = fresh.critic(ids, mask)[:, -1]
     assert torch.allclose(values, (raw - 0.3) / 2.0, atol=1e-5)
 
 
@@ -284,10 +293,10 @@ def test_bad_config_errors():
             reward=RewardConfig(function=TOY),
             kl=KLConfig(estimator="k9"),
         )
-    from rlhf_lightning.ppo.rollout import load_callable
+    from rlhf_lightning.scorers import load_scorer
 
     with pytest.raises(ValueError, match="model.reward.function"):
-        load_callable("no_colon_here", "model.reward.function")
+        load_scorer("no_colon_here", "model.reward.function")
 
 
 def test_update_is_invariant_to_micro_batch_size(tmp_path, tiny_tokenizer, tiny_config):

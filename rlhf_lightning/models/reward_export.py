@@ -1,15 +1,19 @@
 """Scoring with, exporting and re-loading reward models.
 
 Scores are read at the last non-padding token found from the attention mask
-(`last_token_index`), never from the pad id: with pad == eos tokenizers the pad-id rule
-of `*ForSequenceClassification` would skip the EOS that ends every response and read the
-token before it (a silent reward-model bug). The export makes plain transformers agree
+(`heads.last_token_scores`, which PPO scores with too), never from the pad id: with pad ==
+eos tokenizers the pad-id rule of `*ForSequenceClassification` would skip the EOS that ends
+every response and read the token before it (a silent reward-model bug). The export makes plain transformers agree
 with training: when the tokenizer's pad token is missing or equals EOS, a dedicated pad
 token is added (embedding rows grown only if the vocabulary is full) and written as
 `config.pad_token_id`, so `AutoModelForSequenceClassification` pools the same position.
 Beside the weights, `reward_stats.json` holds the mean / std of rewards over the
 training data's best responses, for reward normalisation in PPO (Ziegler et al. 2019,
-§2: the reward model is normalised to mean 0 / std 1 before RL).
+§2: the reward model is normalised to mean 0 / std 1 before RL); `reward_scale` is the one rule
+that turns them into (mean, std), for `normalise` and for the critic initialised from the RM.
+
+This module imports only torch, transformers and `rlhf_lightning.models`, so the stage modules,
+PPO and the labeler all import it at module level.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_lightning.models.heads import last_token_index
+from rlhf_lightning.models.heads import last_token_scores
+from rlhf_lightning.models.loading import is_peft, unwrap_peft
 
 STATS_FILE = "reward_stats.json"
 RM_PAD_TOKEN = "<|reward_pad|>"
@@ -35,15 +40,9 @@ EXPORT_FILES = (
 )
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay injected)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a `*ForSequenceClassification` model into (backbone, scalar head)."""
-    inner = unwrap_peft(model)
+    inner = unwrap_peft(model, merge=False)
     head = next((getattr(inner, n) for n in _HEAD_NAMES if hasattr(inner, n)), None)
     backbone = getattr(inner, "base_model", None)
     if head is None or backbone is None or backbone is inner:
@@ -56,18 +55,12 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def score_rows(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Scalar reward per row, read at the last attended token. Returns `Float[R]`.
+    """Scalar reward per row of a sequence classifier, read at the last attended token.
 
-    Only the hidden state of that token goes through the head, so padding side and pad id
-    do not matter.
+    ids/mask Long[R, T] → Float[R]; any padding side (see `heads.last_token_scores`).
     """
     backbone, head = backbone_and_head(model)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask
-    ).last_hidden_state  # [R, T, H]
-    last = last_token_index(attention_mask)  # [R]
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [R, H]
-    return head(pooled).squeeze(-1).float()  # [R]
+    return last_token_scores(backbone, head, input_ids, attention_mask)  # [R]
 
 
 @torch.no_grad()
@@ -113,10 +106,7 @@ def export_reward_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     export_tok = AutoTokenizer.from_pretrained(out_dir)
-    inner = unwrap_peft(model)
-    export_model = copy.deepcopy(model)
-    if inner is not model:
-        export_model = export_model.merge_and_unload()
+    export_model = unwrap_peft(model, merge=True) if is_peft(model) else copy.deepcopy(model)
     if _needs_own_pad(export_tok):
         export_tok.add_special_tokens({"pad_token": RM_PAD_TOKEN})
         rows = export_model.get_input_embeddings().weight.shape[0]
@@ -162,9 +152,20 @@ def load_reward_model(
     return model, tokenizer, stats
 
 
-def normalise(rewards: torch.Tensor, stats: dict | None, eps: float = 1e-6) -> torch.Tensor:
-    """`(r - mean) / std` with the export's stats (identity when `stats` is None)."""
+def reward_scale(stats: dict | None, eps: float = 1e-6) -> tuple[float, float]:
+    """(mean, std) to normalise rewards with, from an export's `reward_stats.json` dict.
+
+    No stats: (0, 1). A missing mean is 0; a missing, non-finite or ≤ `eps` std is 1.
+    """
+    if not stats:
+        return 0.0, 1.0
+    std = float(stats.get("std", 1.0))
+    return float(stats.get("mean", 0.0)), (std if math.isfinite(std) and std > eps else 1.0)
+
+
+def normalise(rewards: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    """`(r - mean) / std` with the export's stats (`reward_scale`; identity when `stats` is None)."""
     if not stats:
         return rewards
-    std = float(stats.get("std", 1.0))
-    return (rewards - float(stats["mean"])) / (std if math.isfinite(std) and std > eps else 1.0)
+    mean, std = reward_scale(stats)
+    return (rewards - mean) / std

@@ -1,0 +1,51 @@
+"""What the three stage modules (SFT, reward model, PPO) share: tokenizer access, export dir.
+
+- `tokenizer`: the attached `RLHFDataModule`'s tokenizer, read once and cached; settable
+  (`module.tokenizer = tok`) for use without a datamodule (tests, benchmarks). Without either,
+  a one-line error naming the module.
+- `resolved_export_dir()`: `export_dir`, else `<log_dir>/export` — the first logger's folder,
+  the trainer's `default_root_dir` when there is no logger folder, `./export` with no trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+__all__ = ["StageModule"]
+
+
+class StageModule(pl.LightningModule):
+    """A LightningModule of one RLHF stage (subclasses set `export_dir` in `__init__`)."""
+
+    export_dir: str | None = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the stage (vocabulary size, special ids, decoding, export)."""
+        cached = self.__dict__.get("_tokenizer")
+        if cached is not None:
+            return cached
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "tokenizer"):
+            raise RuntimeError(
+                f"{type(self).__name__} needs a tokenizer: attach an RLHFDataModule to the "
+                "Trainer or set `module.tokenizer`"
+            )
+        self.__dict__["_tokenizer"] = datamodule.tokenizer
+        return self.__dict__["_tokenizer"]
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self.__dict__["_tokenizer"] = value
+
+    def resolved_export_dir(self) -> Path:
+        """`export_dir`, or `<log_dir>/export` (`default_root_dir` when the logger has no folder;
+        the working directory without a trainer)."""
+        if self.export_dir:
+            return Path(self.export_dir)
+        trainer = self._trainer
+        base = (trainer.log_dir or trainer.default_root_dir) if trainer is not None else "."
+        return Path(base) / "export"
