@@ -181,9 +181,8 @@ def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
     kwargs = dict(
         model_spec=ModelSpec(name_or_path=str(model_dir)),
         optim=OptimConfig(lr=ns.lr, betas=(0.9, 0.999), min_lr_ratio=0.0),
-        export=False,
-        histogram_every_n_steps=0,
-        worst_pairs=0,
+        export={"enabled": False},
+        logging={"histogram_every_n_steps": 0, "worst_pairs": 0},
     )
     accepted = inspect.signature(RewardModule.__init__).parameters
     for item in ns.ours_arg or []:

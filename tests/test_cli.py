@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_lightning import cli
+from rlhf_lightning.modules.sft import SFTSampleConfig
 from rlhf_lightning.tasks.sentiment import prepare
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "sft.yaml")
@@ -27,9 +29,9 @@ def _overrides(out: Path, version: str = "sft") -> list[str]:
         "--trainer.log_every_n_steps=1",
         "--model.init_args.optim.warmup_steps=2",
         "--model.init_args.optim.lr=0.01",
-        "--model.init_args.sample_every_n_steps=8",
-        "--model.init_args.num_samples=2",
-        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.samples.every_n_steps=8",
+        "--model.init_args.samples.num=2",
+        "--model.init_args.samples.max_new_tokens=8",
         f"--model.init_args.export_dir={out / 'export'}",
         f"--data.tokenizer={out / 'tokenizer'}",
         f"--data.demonstrations.path={out / 'data' / 'sft_train.jsonl'}",
@@ -61,14 +63,20 @@ def test_fit_writes_tensorboard_with_falling_loss(sft_run):
     acc = EventAccumulator(str(out / "tb" / "sft"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "val/loss", "val/ppl", "perf/tokens_per_s"} <= tags
-    loss = [v for _, v in _scalars(acc, "train/loss")]
+    assert {
+        "sft/train/loss",
+        "sft/train/lr",
+        "sft/val/loss",
+        "sft/val/ppl",
+        "sft/perf/tokens_per_s",
+    } <= tags
+    loss = [v for _, v in _scalars(acc, "sft/train/loss")]
     assert len(loss) == 16
     first, last = sum(loss[:3]) / 3, sum(loss[-3:]) / 3
     assert last < 0.8 * first, (first, last)
-    val = _scalars(acc, "val/loss")
+    val = _scalars(acc, "sft/val/loss")
     assert [s for s, _ in val] == [7, 15] and val[1][1] < val[0][1]
-    texts = acc.Tensors("samples/sft/text_summary")
+    texts = acc.Tensors("sft/samples/text_summary")
     assert [e.step for e in texts] == [0, 8, 16]
     table = texts[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| prompt | generated | reference |")
@@ -91,12 +99,12 @@ def test_export_reloads_with_identical_logits(sft_run):
 
 def test_validate_from_checkpoint_matches_fit(sft_run):
     out, run = sft_run
-    fit_val = float(run.trainer.callback_metrics["val/loss"])
+    fit_val = float(run.trainer.callback_metrics["sft/val/loss"])
     ckpt = out / "tb" / "sft" / "checkpoints" / "last.ckpt"
     again = cli.run_cli(
         ["validate", "--config", CONFIG, *_overrides(out, "validate"), f"--ckpt_path={ckpt}"]
     )
-    assert float(again.trainer.callback_metrics["val/loss"]) == pytest.approx(fit_val, rel=1e-5)
+    assert float(again.trainer.callback_metrics["sft/val/loss"]) == pytest.approx(fit_val, rel=1e-5)
 
 
 def test_bad_record_gives_one_line_file_line_error(sft_run, tmp_path, capsys):
@@ -133,8 +141,12 @@ def test_print_config_and_model_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["fit", "--model.help", "SFTModule"])
     helptext = capsys.readouterr().out
-    assert "--model.sample_every_n_steps" in helptext
-    assert "every this many optimizer steps" in helptext.replace("\n", " ").replace("  ", " ")
+    assert "--model.samples.help" in helptext and "SFTSampleConfig" in helptext
+    parser = ArgumentParser()  # the nested help: the dataclass's field docstrings
+    parser.add_class_arguments(SFTSampleConfig, "samples")
+    samples_help = " ".join(parser.format_help().split())
+    assert "--samples.every_n_steps" in samples_help
+    assert "every this many optimizer steps" in samples_help
 
 
 def test_label_subcommand_dispatch(monkeypatch):
@@ -176,7 +188,7 @@ def test_bf16_mixed_with_gradient_clipping_fits(tmp_path):
     )
     assert run.trainer.global_step == 2
     assert run.trainer.optimizers[0].defaults["fused"] is False
-    assert torch.isfinite(run.trainer.callback_metrics["val/loss"])
+    assert torch.isfinite(run.trainer.callback_metrics["sft/val/loss"])
 
 
 def test_fused_adamw_under_full_precision(sft_run):

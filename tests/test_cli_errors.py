@@ -34,7 +34,7 @@ trainer:
 model:
   class_path: PPOModule
   init_args:
-    policy: {policy}
+    model_spec: {model_spec}
     reward: {reward}
     kl: {{estimator: {estimator}}}
     critic: {{kind: {critic}}}
@@ -82,7 +82,7 @@ def ppo_config(tmp_path: Path, tokenizer, **fields: str) -> str:
     tokenizer.save_pretrained(tmp_path / "tok")
     rows = [{"prompt": f"the movie was {w}"} for w in ("great", "boring", "fine", "bad")]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    values = {"policy": TINY_POLICY, "reward": TOY_REWARD, "estimator": "k1", "critic": "auto"}
+    values = {"model_spec": TINY_POLICY, "reward": TOY_REWARD, "estimator": "k1", "critic": "auto"}
     config = tmp_path / "ppo.yaml"
     config.write_text(PPO_CONFIG.format(root=tmp_path, **{**values, **fields}))
     return str(config)
@@ -228,7 +228,7 @@ def test_config_keys_from_mentions_quoted_values_and_names():
     config = {
         "model": {
             "class_path": "rlhf_lightning.PPOModule",
-            "init_args": {"kl": {"estimator": "k4"}, "policy": {"name_or_path": "runs/p"}},
+            "init_args": {"kl": {"estimator": "k4"}, "model_spec": {"name_or_path": "runs/p"}},
         },
         "data": {"tokenizer": "runs/p", "max_length": 1, "max_prompt_length": 4},
     }
@@ -237,10 +237,12 @@ def test_config_keys_from_mentions_quoted_values_and_names():
         "model.init_args.kl.estimator"
     ]
     # the failing part narrows a value shared by two keys; without it both are named
-    assert keys("cannot load 'runs/p'", config, "model") == ["model.init_args.policy.name_or_path"]
+    assert keys("cannot load 'runs/p'", config, "model") == [
+        "model.init_args.model_spec.name_or_path"
+    ]
     assert keys("cannot load 'runs/p'", config) == [
         "data.tokenizer",
-        "model.init_args.policy.name_or_path",
+        "model.init_args.model_spec.name_or_path",
     ]
     assert keys("need max_length >= 2 (got 1)", config, "data") == ["data.max_length"]
     assert keys("no key named here", config, "trainer") == ["trainer"]

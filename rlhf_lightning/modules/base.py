@@ -1,4 +1,12 @@
-"""What the three stage modules (SFT, reward model, PPO) share: tokenizer access, export dir.
+"""What the three stage modules (SFT, reward model, PPO) share: constructor convention,
+hparams, tokenizer access, export dir.
+
+- Constructor convention: `__init__(model_spec: ModelSpec, <config dataclasses>, export_dir)`;
+  each config argument is a dataclass with one docstring per field (null = its defaults, a dict
+  from a checkpoint or YAML is accepted: `coerce_config`), and `save_plain_hparams()` records them.
+- `save_plain_hparams()`: `save_hyperparameters()` of the calling `__init__`, dataclass values
+  stored as plain dicts, so that checkpoints load with `torch.load(weights_only=True)`. Under the
+  CLI the hparams are its config dump (with `_class_path`, used by `--ckpt_path` resume).
 
 - `tokenizer`: the attached `RLHFDataModule`'s tokenizer, read once and cached; settable
   (`module.tokenizer = tok`) for use without a datamodule (tests, benchmarks). Without either,
@@ -9,17 +17,37 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 
-__all__ = ["StageModule"]
+__all__ = ["StageModule", "coerce_config"]
+
+
+def coerce_config(cls, value):
+    """A config dataclass from an instance, a dict (e.g. from a checkpoint) or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
 
 
 class StageModule(pl.LightningModule):
     """A LightningModule of one RLHF stage (subclasses set `export_dir` in `__init__`)."""
 
     export_dir: str | None = None
+
+    def save_plain_hparams(self) -> None:
+        """`save_hyperparameters()` of the calling `__init__`, with dataclasses stored as dicts."""
+        caller = inspect.currentframe().f_back  # the subclass __init__ whose arguments are saved
+        self.save_hyperparameters(frame=caller)
+        for hparams in (self.hparams, self._hparams_initial):
+            for key, value in list(hparams.items()):
+                if is_dataclass(value):
+                    hparams[key] = asdict(value)
 
     @property
     def tokenizer(self):

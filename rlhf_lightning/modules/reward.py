@@ -11,12 +11,13 @@ At the end of `fit` the model is exported for `AutoModelForSequenceClassificatio
 with `reward_stats.json` (see `rlhf_lightning.models.reward_export`).
 
 TensorBoard tags: `reward/train/*`, `reward/val/*` (accuracy, margin, chosen/rejected
-mean and std, histograms), `reward/val/worst_pairs` (text table), `perf/*`.
+mean and std, histograms), `reward/val/worst_pairs` (text table), `reward/perf/*`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -24,11 +25,38 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
 from rlhf_lightning.models.reward_export import export_reward_model, score_rows
-from rlhf_lightning.modules.base import StageModule
+from rlhf_lightning.modules.base import StageModule, coerce_config
 from rlhf_lightning.modules.common import OptimConfig, lightning_optimizers, log_text_table
-from rlhf_lightning.modules.reward_losses import reward_model_loss
+from rlhf_lightning.modules.reward_losses import RewardLossConfig, reward_model_loss
 from rlhf_lightning.modules.reward_metrics import PairwiseAccuracy, RewardMoments
-from rlhf_lightning.modules.reward_packing import packing_is_exact, score_rows_packed
+from rlhf_lightning.modules.reward_packing import (
+    PackingConfig,
+    packing_is_exact,
+    score_rows_packed,
+)
+
+
+@dataclass
+class RewardLogConfig:
+    """Reward histograms and the validation table of the pairs ranked most wrongly."""
+
+    histogram_every_n_steps: int = 50
+    """Log reward histograms of training batches this often (0 disables; validation histograms
+    are logged every validation epoch)."""
+    worst_pairs: int = 8
+    """Rows in the validation table `reward/val/worst_pairs`; 0 disables the table."""
+    table_chars: int = 300
+    """Characters of each text kept in that table."""
+
+
+@dataclass
+class RewardExportConfig:
+    """The export written when fit ends: model, tokenizer and `reward_stats.json`."""
+
+    enabled: bool = True
+    """Export the model, tokenizer and `reward_stats.json` when fit ends."""
+    stats_max_batches: int | None = None
+    """Cap on training batches scored for `reward_stats.json` (null = the whole training split)."""
 
 
 class RewardModule(StageModule):
@@ -40,16 +68,11 @@ class RewardModule(StageModule):
         self,
         model_spec: ModelSpec,
         optim: OptimConfig | None = None,
-        use_margin: bool = True,
-        center_coef: float = 0.0,
-        pack: bool = True,
-        pack_max_tokens: int = 8192,
-        export: bool = True,
+        loss: RewardLossConfig | None = None,
+        packing: PackingConfig | None = None,
+        logging: RewardLogConfig | None = None,
+        export: RewardExportConfig | None = None,
         export_dir: str | None = None,
-        stats_max_batches: int | None = None,
-        histogram_every_n_steps: int = 50,
-        worst_pairs: int = 8,
-        table_chars: int = 300,
     ) -> None:
         """Build the module; the network itself is created in `configure_model`.
 
@@ -57,44 +80,26 @@ class RewardModule(StageModule):
             model_spec: Backbone to load: hub id / local dir (e.g. the SFT export), GGUF file or a
                 config dict. A causal-LM checkpoint gets a fresh scalar head (`num_labels=1`).
             optim: Optimiser and warmup+cosine schedule (`OptimConfig`); defaults when None.
-            use_margin: Subtract each record's `margin` inside the sigmoid
-                (`-log σ(r_c - r_r - margin)`); records without one use 0.
-            center_coef: Weight of the reward-centering term `mean_prompt(mean reward)²`
-                that keeps rewards near 0; 0 disables it (Eisenstein et al. use 0.01).
-            pack: Score each batch as one packed sequence in which every prompt is computed
-                once for all its responses and no padding is computed (exact; several times
-                fewer token-FLOPs on chat data). Checked on the model at start; falls back
-                to padded rows (with a warning) when the backbone does not support it.
-            pack_max_tokens: Batches whose packed length exceeds this use padded rows
-                (the packed attention mask is N x N).
-            export: Export the model, tokenizer and `reward_stats.json` when fit ends.
+            loss: Margin and reward-centering options of the K-wise loss (`RewardLossConfig`).
+            packing: Packed scoring of each batch (`PackingConfig`).
+            logging: Histograms and the worst-pairs table (`RewardLogConfig`).
+            export: Whether and how to export at the end of fit (`RewardExportConfig`).
             export_dir: Where to export; null = `<log_dir>/export`.
-            stats_max_batches: Cap on training batches scored for `reward_stats.json`
-                (None = the whole training split).
-            histogram_every_n_steps: Log reward histograms of training batches this often
-                (0 disables; validation histograms are logged every validation epoch).
-            worst_pairs: Rows in the validation table of the pairs ranked most wrongly.
-            table_chars: Characters of each text kept in that table.
         """
         super().__init__()
-        if center_coef < 0:
-            raise ValueError(f"center_coef: must be >= 0, got {center_coef}")
-        if isinstance(model_spec, dict):
-            model_spec = ModelSpec(**model_spec)
-        self.spec = model_spec
-        self.optim = optim if optim is not None else OptimConfig()
-        self.use_margin = use_margin
-        self.center_coef = center_coef
-        self.pack = pack
-        self.pack_max_tokens = pack_max_tokens
-        self._packed_ok = False
-        self.export = export
+        self.model_spec = coerce_config(ModelSpec, model_spec)
+        self.optim = coerce_config(OptimConfig, optim)
+        self.loss_cfg = coerce_config(RewardLossConfig, loss)
+        self.packing_cfg = coerce_config(PackingConfig, packing)
+        self.logging_cfg = coerce_config(RewardLogConfig, logging)
+        self.export_cfg = coerce_config(RewardExportConfig, export)
         self.export_dir = export_dir
-        self.stats_max_batches = stats_max_batches
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.worst_pairs = worst_pairs
-        self.table_chars = table_chars
-        self.save_hyperparameters()
+        if self.loss_cfg.center_coef < 0:
+            raise ValueError(
+                f"model.loss.center_coef: must be >= 0, got {self.loss_cfg.center_coef}"
+            )
+        self.save_plain_hparams()
+        self._packed_ok = False
         self.model = None
         self.train_acc = PairwiseAccuracy()
         self.val_acc = PairwiseAccuracy()
@@ -111,14 +116,17 @@ class RewardModule(StageModule):
             return
         tokenizer = self.tokenizer
         self.model = load_sequence_classifier(
-            self.spec, vocab_size=len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id
+            self.model_spec,
+            vocab_size=len(tokenizer),
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
         )
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
-        if self.pack:
+        if self.packing_cfg.enabled:
             self._packed_ok = packing_is_exact(self.model, len(tokenizer))
             if not self._packed_ok:
                 rank_zero_warn(
-                    f"pack: {type(self.model).__name__} does not support packed scoring; "
+                    f"model.packing.enabled: {type(self.model).__name__} does not support packed scoring; "
                     "using padded rows"
                 )
 
@@ -134,7 +142,7 @@ class RewardModule(StageModule):
     def score_batch(self, batch: dict) -> torch.Tensor:
         """Rewards `Float[R]` of a stacked preference batch (packed when enabled)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, T]
-        if self._packed_ok and int(mask.sum()) <= self.pack_max_tokens:
+        if self._packed_ok and int(mask.sum()) <= self.packing_cfg.max_tokens:
             return score_rows_packed(
                 self.model, ids, mask, batch["group"], int(batch["num_groups"])
             )
@@ -142,14 +150,14 @@ class RewardModule(StageModule):
 
     def _shared_step(self, batch: dict):
         rewards = self.score_batch(batch)  # [R]
-        margin = batch.get("margin") if self.use_margin else None  # [G]
+        margin = batch.get("margin") if self.loss_cfg.use_margin else None  # [G]
         loss, parts = reward_model_loss(
             rewards,
             batch["group"],
             batch["rank"],
             int(batch["num_groups"]),
             margin=margin,
-            center_coef=self.center_coef,
+            center_coef=self.loss_cfg.center_coef,
         )
         return rewards, loss, parts
 
@@ -170,7 +178,7 @@ class RewardModule(StageModule):
         self.log("reward/train/margin", parts["diff"].mean(), **log)
         self.log("reward/train/chosen_mean", rewards[best].detach().mean(), **log)
         self.log("reward/train/rejected_mean", rewards[~best].detach().mean(), **log)
-        every = self.histogram_every_n_steps
+        every = self.logging_cfg.histogram_every_n_steps
         if every and self.global_step % every == 0:
             self._histograms("train", rewards[best], rewards[~best])
         return loss
@@ -185,9 +193,15 @@ class RewardModule(StageModule):
         pairs = _num_pairs(batch)
         if elapsed > 0:
             self.log(
-                "perf/pairs_per_s", pairs / elapsed, on_step=True, on_epoch=False, batch_size=1
+                "reward/perf/pairs_per_s",
+                pairs / elapsed,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
             )
-            self.log("perf/rows_per_s", len(batch["rank"]) / elapsed, on_step=True, batch_size=1)
+            self.log(
+                "reward/perf/rows_per_s", len(batch["rank"]) / elapsed, on_step=True, batch_size=1
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         rewards, loss, parts = self._shared_step(batch)
@@ -204,7 +218,7 @@ class RewardModule(StageModule):
             "reward/val/accuracy", self.val_acc, on_epoch=True, prog_bar=True, batch_size=groups
         )
         self.log("reward/val/margin", self.val_margin, on_epoch=True, batch_size=groups)
-        if self.worst_pairs:
+        if self.logging_cfg.worst_pairs:
             self._collect_worst(batch, parts)
 
     def on_validation_epoch_end(self) -> None:
@@ -220,7 +234,7 @@ class RewardModule(StageModule):
             self._histograms("val", chosen, rejected)
         self._val_rewards = {"chosen": [], "rejected": []}
         if self._worst and not self.trainer.sanity_checking and self.logger is not None:
-            rows = sorted(self._worst, key=lambda r: r["margin"])[: self.worst_pairs]
+            rows = sorted(self._worst, key=lambda r: r["margin"])[: self.logging_cfg.worst_pairs]
             for row in rows:
                 row["margin"] = f"{row['margin']:.3f}"
             log_text_table(self.logger, "reward/val/worst_pairs", rows, self.global_step)
@@ -239,20 +253,21 @@ class RewardModule(StageModule):
     def _collect_worst(self, batch: dict, parts: dict) -> None:
         """Keep the `worst_pairs` lowest-margin pairs seen so far, decoded as text."""
         diff = parts["diff"]  # [P]
-        k = min(self.worst_pairs, diff.numel())
+        keep = self.logging_cfg.worst_pairs
+        k = min(keep, diff.numel())
         order = torch.argsort(diff)[:k]  # [k]
         threshold = max((r["margin"] for r in self._worst), default=float("inf"))
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, T]
         for p in order.tolist():
             margin = float(diff[p])
-            if len(self._worst) >= self.worst_pairs and margin >= threshold:
+            if len(self._worst) >= keep and margin >= threshold:
                 break
             better, worse = int(parts["better"][p]), int(parts["worse"][p])
             prompt, chosen, rejected = _split_pair(
                 ids[better][mask[better].bool()], ids[worse][mask[worse].bool()]
             )
             decode = self.tokenizer.decode
-            cut = self.table_chars
+            cut = self.logging_cfg.table_chars
             self._worst.append(
                 {
                     "margin": margin,
@@ -261,7 +276,7 @@ class RewardModule(StageModule):
                     "rejected": decode(rejected)[:cut],
                 }
             )
-        self._worst = sorted(self._worst, key=lambda r: r["margin"])[: self.worst_pairs]
+        self._worst = sorted(self._worst, key=lambda r: r["margin"])[:keep]
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -273,7 +288,8 @@ class RewardModule(StageModule):
         was_training = self.model.training
         self.model.eval()
         for i, batch in enumerate(loader):
-            if self.stats_max_batches is not None and i >= self.stats_max_batches:
+            cap = self.export_cfg.stats_max_batches
+            if cap is not None and i >= cap:
                 break
             rewards = self(
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -293,7 +309,7 @@ class RewardModule(StageModule):
         }
 
     def on_fit_end(self) -> None:
-        if not self.export or self.model is None or not self.trainer.is_global_zero:
+        if not self.export_cfg.enabled or self.model is None or not self.trainer.is_global_zero:
             return
         if self.trainer.interrupted:
             return

@@ -26,6 +26,18 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass
+class RewardLossConfig:
+    """The reward model's loss: K-wise Bradley–Terry with an optional margin and centering term."""
+
+    use_margin: bool = True
+    """Subtract each record's `margin` inside the sigmoid (`-log σ(r_c - r_r - margin)`);
+    records without one use 0."""
+    center_coef: float = 0.0
+    """Weight (≥ 0) of the reward-centering term `mean_prompt(mean reward)²` that keeps rewards
+    near 0; 0 disables it (Eisenstein et al. use 0.01)."""
+
+
 @dataclass(frozen=True)
 class Pairs:
     """Ordered (better, worse) row pairs inside each group of a stacked batch.

@@ -15,6 +15,9 @@ AMP unscaling, before clipping) they are multiplied by `c·k·W / N`, where N is
 token count of the whole window summed over all W data-parallel ranks (DDP averages
 gradients over ranks). The result is exactly `∇ Σ nll / N`.
 
+TensorBoard tags: `sft/train/{loss,lr,tokens}`, `sft/val/{loss,ppl}`, `sft/perf/tokens_per_s`,
+and the text table `sft/samples` (`SFTSampleConfig`).
+
 References: Ouyang et al. 2022 ("Training language models to follow instructions
 with human feedback", the SFT stage); Lightning automatic optimisation and
 gradient accumulation (https://lightning.ai/docs/pytorch/stable/common/optimization.html).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from rlhf_lightning.models.loading import ModelSpec, export_pretrained, load_causal_lm
-from rlhf_lightning.modules.base import StageModule
+from rlhf_lightning.modules.base import StageModule, coerce_config
 from rlhf_lightning.modules.common import OptimConfig, lightning_optimizers, log_text_table
 
 IGNORE_INDEX = -100
@@ -55,6 +59,24 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll_sum, n_tokens
 
 
+@dataclass
+class SFTSampleConfig:
+    """The sample table `sft/samples`: generations for a few validation prompts.
+
+    Columns prompt | generated | reference; logged at step 0, every `every_n_steps` optimizer
+    steps and at the end of fit.
+    """
+
+    every_n_steps: int = 50
+    """Log the table every this many optimizer steps; 0 disables the table."""
+    num: int = 4
+    """Validation prompts shown in the table; 0 disables the table."""
+    max_new_tokens: int = 32
+    """Generation length limit of the table's responses."""
+    temperature: float = 0.0
+    """Sampling temperature of the table's responses; 0 = greedy decoding."""
+
+
 class SFTModule(StageModule):
     """Supervised fine-tuning on demonstration records (prompt → response)."""
 
@@ -64,11 +86,8 @@ class SFTModule(StageModule):
         self,
         model_spec: ModelSpec,
         optim: OptimConfig | None = None,
+        samples: SFTSampleConfig | None = None,
         export_dir: str | None = None,
-        sample_every_n_steps: int = 50,
-        num_samples: int = 4,
-        max_new_tokens: int = 32,
-        sample_temperature: float = 0.0,
     ):
         """Build the module; the model itself is created in `configure_model()`.
 
@@ -76,24 +95,17 @@ class SFTModule(StageModule):
             model_spec: the policy to fine-tune: hub id / local dir / GGUF file / config dict,
                 dtype, gradient checkpointing, LoRA (see `ModelSpec`).
             optim: AdamW + warmup/cosine settings (see `OptimConfig`); null = defaults.
+            samples: the text table of generations for validation prompts (`sft/samples`, see
+                `SFTSampleConfig`); null = defaults.
             export_dir: directory for the final `save_pretrained` export (model + tokenizer),
                 written at the end of `fit`; null = `<log_dir>/export`.
-            sample_every_n_steps: every this many optimizer steps, generate responses for a few
-                validation prompts and log them as a TensorBoard text table (`samples/sft`);
-                0 disables sampling.
-            num_samples: how many validation prompts the sample table shows.
-            max_new_tokens: generation length limit for the sample table.
-            sample_temperature: sampling temperature for the table; 0 = greedy decoding.
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.model_spec = model_spec
-        self.optim = optim if optim is not None else OptimConfig()
+        self.model_spec = coerce_config(ModelSpec, model_spec)
+        self.optim = coerce_config(OptimConfig, optim)
+        self.samples_cfg = coerce_config(SFTSampleConfig, samples)
         self.export_dir = export_dir
-        self.sample_every_n_steps = sample_every_n_steps
-        self.num_samples = num_samples
-        self.max_new_tokens = max_new_tokens
-        self.sample_temperature = sample_temperature
+        self.save_plain_hparams()
         self.model = None
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
@@ -161,11 +173,11 @@ class SFTModule(StageModule):
         now = time.perf_counter()
         elapsed = now - self._t_last if self._t_last is not None else float("nan")
         seen = self._win_seen * self.trainer.world_size
-        self.log("train/loss", nll / total, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-        self.log("train/tokens", total)
+        self.log("sft/train/loss", nll / total, prog_bar=True)
+        self.log("sft/train/lr", optimizer.param_groups[0]["lr"])
+        self.log("sft/train/tokens", total)
         if math.isfinite(elapsed) and elapsed > 0:
-            self.log("perf/tokens_per_s", seen / elapsed)
+            self.log("sft/perf/tokens_per_s", seen / elapsed)
         self._t_last = now
         self._stepped = True
         self._reset_window()
@@ -178,7 +190,7 @@ class SFTModule(StageModule):
         if not self._stepped:
             return
         self._stepped = False
-        n = self.sample_every_n_steps
+        n = self.samples_cfg.every_n_steps
         if n > 0 and self.global_step % n == 0:
             self._log_samples()
             self._t_last = time.perf_counter()  # sampling time is not training throughput
@@ -197,8 +209,8 @@ class SFTModule(StageModule):
         loss = self.val_nll.compute() / self.val_tokens.compute().clamp_min(1.0)
         self.val_nll.reset()
         self.val_tokens.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
+        self.log("sft/val/loss", loss, prog_bar=True)
+        self.log("sft/val/ppl", torch.exp(loss))
 
     def on_validation_end(self) -> None:
         self._t_last = time.perf_counter()
@@ -209,7 +221,7 @@ class SFTModule(StageModule):
         if datamodule is None or not hasattr(datamodule, "records"):
             return []
         records = datamodule.records(self.data_kind, "val") or datamodule.records(self.data_kind)
-        return list(records[: self.num_samples])
+        return list(records[: self.samples_cfg.num])
 
     @torch.no_grad()
     def generate_samples(self, records: list) -> list[dict]:
@@ -225,16 +237,17 @@ class SFTModule(StageModule):
         batch = collate_prompts(examples, pad_id=tok.pad_token_id)
         input_ids = batch["input_ids"].to(self.device)  # [N, P]
         attention_mask = batch["attention_mask"].to(self.device)  # [N, P]
-        sampling = self.sample_temperature > 0
+        cfg = self.samples_cfg
+        sampling = cfg.temperature > 0
         was_training = self.model.training
         self.model.eval()
         try:
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=cfg.max_new_tokens,
                 do_sample=sampling,
-                temperature=self.sample_temperature if sampling else None,
+                temperature=cfg.temperature if sampling else None,
                 top_p=None,
                 top_k=None,
                 pad_token_id=tok.pad_token_id,
@@ -251,8 +264,8 @@ class SFTModule(StageModule):
     def _log_samples(self) -> None:
         step = self.global_step
         if (
-            self.num_samples <= 0
-            or self.sample_every_n_steps <= 0
+            self.samples_cfg.num <= 0
+            or self.samples_cfg.every_n_steps <= 0
             or step == self._last_sample_step
         ):
             return
@@ -262,7 +275,7 @@ class SFTModule(StageModule):
         if not records:
             return
         self._last_sample_step = step
-        log_text_table(self.trainer.loggers, "samples/sft", self.generate_samples(records), step)
+        log_text_table(self.trainer.loggers, "sft/samples", self.generate_samples(records), step)
 
     # ----------------------------------------------------------------- export
     def on_fit_end(self) -> None:

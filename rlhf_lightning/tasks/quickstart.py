@@ -119,7 +119,7 @@ def sft_stage(ctx: Context) -> dict:
     )
     return {
         k: metrics[k]
-        for k in ("train/loss", "val/loss", "val/ppl", "global_step", "log_dir")
+        for k in ("sft/train/loss", "sft/val/loss", "sft/val/ppl", "global_step", "log_dir")
         if k in metrics
     }
 
@@ -166,7 +166,7 @@ def _ppo_overrides(ctx: Context, export_name: str) -> dict[str, str]:
     out = ctx.out
     return {
         "seed_everything": str(ctx.seed),
-        "model.init_args.policy.name_or_path": str(out / "export" / "sft"),
+        "model.init_args.model_spec.name_or_path": str(out / "export" / "sft"),
         "model.init_args.reward.model": str(out / "export" / "reward"),
         "model.init_args.export_dir": str(out / "export" / export_name),
         "data.tokenizer": str(out / "export" / "sft"),
@@ -175,7 +175,7 @@ def _ppo_overrides(ctx: Context, export_name: str) -> dict[str, str]:
 
 
 def _ppo_result(metrics: dict) -> dict:
-    keys = ("objective/reward_raw", "objective/gold", "objective/kl", "global_step")
+    keys = ("ppo/objective/reward_raw", "ppo/objective/gold", "ppo/objective/kl", "global_step")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -229,11 +229,11 @@ EXTRA_STAGES: list[Stage] = [
 ]
 
 SUMMARY_KEYS = {
-    "sft_val_loss": ("sft", "val/loss"),
+    "sft_val_loss": ("sft", "sft/val/loss"),
     "rm_val_accuracy": ("reward", "reward/val/accuracy"),
     "gold_sft": ("evaluate", "gold_sft"),
     "gold_ppo": ("evaluate", "gold_ppo"),
-    "kl_final": ("ppo", "objective/kl"),
+    "kl_final": ("ppo", "ppo/objective/kl"),
 }
 
 

@@ -70,8 +70,8 @@ def test_markdown_table_and_logging():
         "| a \\| b | line1 line2 | 0.1235 |",
     ]
     logger = _FakeLogger()
-    assert log_text_table([logger, object()], "samples/sft", rows, step=7)
-    assert logger.experiment.calls == [("samples/sft", text, 7)]
+    assert log_text_table([logger, object()], "sft/samples", rows, step=7)
+    assert logger.experiment.calls == [("sft/samples", text, 7)]
     assert not log_text_table(None, "x", rows, 0)
 
 

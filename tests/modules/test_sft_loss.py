@@ -20,7 +20,7 @@ from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.data.templates import Tokenizing, TokenStats
 from rlhf_lightning.models.loading import ModelSpec, load_causal_lm
 from rlhf_lightning.modules.common import OptimConfig
-from rlhf_lightning.modules.sft import SFTModule, sft_loss_sum
+from rlhf_lightning.modules.sft import SFTModule, SFTSampleConfig, sft_loss_sum
 
 LN2 = math.log(2.0)
 
@@ -71,8 +71,8 @@ def _fit_grads(tokenizer, base, tmp_path, batch_size, accumulate) -> dict:
     module = SFTModule(
         ModelSpec(config={"model_type": "llama"}),
         optim=OptimConfig(lr=1e-3, total_steps=10),
+        samples=SFTSampleConfig(every_n_steps=0),
         export_dir=str(tmp_path / f"export_{batch_size}"),
-        sample_every_n_steps=0,
     )
     module.model = copy.deepcopy(base)
     capture = _GradCapture()

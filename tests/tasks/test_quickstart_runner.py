@@ -49,14 +49,14 @@ def test_short_prepare_and_sft_run(tmp_path, capsys):
                 "--override",
                 "trainer.val_check_interval=4",
                 "--override",
-                "model.init_args.sample_every_n_steps=0",
+                "model.init_args.samples.every_n_steps=0",
             ]
         )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     results = json.loads((tmp_path / "stages.json").read_text())
-    assert results["sft"]["global_step"] == 4 and results["sft"]["val/loss"] > 0
+    assert results["sft"]["global_step"] == 4 and results["sft"]["sft/val/loss"] > 0
     assert (tmp_path / "export" / "sft" / "model.safetensors").is_file()
     assert list((tmp_path / "tb" / "sft").glob("events.out.tfevents.*"))
     assert "sft" in capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_overopt_stage_applies_its_overlay_after_the_base(tmp_path, monkeypatch)
     order: the overlay's values win), into its own TensorBoard version and export folder."""
     seen = []
     trainer = SimpleNamespace(
-        callback_metrics={"objective/kl": torch.tensor(1.5)}, global_step=3, log_dir="d"
+        callback_metrics={"ppo/objective/kl": torch.tensor(1.5)}, global_step=3, log_dir="d"
     )
     monkeypatch.setattr(
         cli, "run_cli", lambda argv: seen.append(argv) or SimpleNamespace(trainer=trainer)
@@ -89,7 +89,7 @@ def test_overopt_stage_applies_its_overlay_after_the_base(tmp_path, monkeypatch)
     assert [Path(c).name for c in configs] == ["ppo.yaml", "ppo_overopt.yaml"]
     assert "--trainer.logger.init_args.version=ppo_overopt" in argv
     assert f"--model.init_args.export_dir={tmp_path / 'export' / 'ppo_overopt'}" in argv
-    assert result == {"objective/kl": 1.5, "global_step": 3, "gold": 0.5, "distinct_2": 0.1}
+    assert result == {"ppo/objective/kl": 1.5, "global_step": 3, "gold": 0.5, "distinct_2": 0.1}
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_full_pipeline_writes_summary(tmp_path, capsys):
     shorten = [
         "sft:trainer.max_steps=30",
         "sft:trainer.val_check_interval=30",
-        "sft:model.init_args.sample_every_n_steps=0",
+        "sft:model.init_args.samples.every_n_steps=0",
         "label:limit=48",
         "reward:trainer.max_steps=6",
         "reward:trainer.val_check_interval=6",
@@ -118,5 +118,6 @@ def test_full_pipeline_writes_summary(tmp_path, capsys):
     assert list(summary["seconds"]) == [s.name for s in quickstart.STAGES]
     assert 0.0 <= summary["rm_val_accuracy"] <= 1.0 and summary["sft_val_loss"] > 0
     assert -4.0 <= summary["gold_sft"] <= 1.0 and -4.0 <= summary["gold_ppo"] <= 1.0
+    assert isinstance(summary["kl_final"], float)  # the PPO tag that SUMMARY_KEYS names exists
     assert (tmp_path / "export" / "ppo" / "model.safetensors").is_file()
     assert "gold_ppo=" in capsys.readouterr().out
