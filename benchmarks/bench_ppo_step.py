@@ -104,7 +104,7 @@ def _build_module(work: Workload, tokenizer, tmp: Path):
     )
 
     module = PPOModule(
-        policy=ModelSpec(config=model_config(work)),
+        model_spec=ModelSpec(config=model_config(work)),
         reward=RewardConfig(
             model=str(_reward_export(work, tokenizer, tmp / "rm")), normalize="none"
         ),
@@ -127,14 +127,14 @@ def _build_module(work: Workload, tokenizer, tmp: Path):
 @contextlib.contextmanager
 def _labelled_phases():
     """Wrap the PPO phase functions in `record_function` ranges (for readable traces)."""
-    import rlhf_lightning.modules.ppo as ppo_mod
-    import rlhf_lightning.ppo.experience as exp
+    from rlhf_lightning.ppo import advantages, generation, logprobs, scoring, update
 
-    targets = [
-        (exp, "generate"),
-        (exp, "_score"),
-        (exp, "_logprobs_values_kl"),
-        (ppo_mod, "ppo_update"),
+    targets = [  # the five steps `PPOModule.training_step` calls through these modules
+        (generation, "rollout"),
+        (scoring, "score"),
+        (logprobs, "logprobs_values"),
+        (advantages, "estimate_advantages"),
+        (update, "ppo_update"),
     ]
     saved = []
     for mod, name in targets:
@@ -192,7 +192,7 @@ def run_ours(work: Workload, profile_dir: Path | None = None) -> dict:
                 return
             perf = pl_module.history[-1]
             row = {"iteration_s": total, "iteration_cpu_s": cpu}
-            row.update({k: perf[f"perf/{k}"] for k in PHASES[2:]})
+            row.update({k: perf[f"ppo/perf/{k}"] for k in PHASES[2:]})
             per_iter.append(row)
             print(f"[ours] iteration {len(per_iter)}: " + _fmt(row), flush=True)
 

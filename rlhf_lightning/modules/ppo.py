@@ -1,15 +1,19 @@
 """PPOModule: reinforcement learning from a reward model with PPO (stage 3 of RLHF).
 
-One `training_step` is one PPO iteration on a batch of prompts from the shared datamodule:
+One `training_step` is one PPO iteration on a batch of prompts from the shared datamodule, as
+five functions whose arguments say what they use (docs/architecture.md):
 
-    1. rollout     — sample responses with the policy (HF `generate`, KV cache, eval, no_grad)
-    2. score       — RM export (normalised with its stats) or a reward callable; EOS penalty; clip
-    3. log-probs   — old policy / reference log-probs, entropy, per-token KL, critic values
-    4. advantages  — KL-penalised per-token rewards → GAE(γ, λ) → whitening
-    5. update      — ppo_epochs × minibatches × micro-batches (clipped surrogate, clipped value
-                     loss, entropy bonus, optional KL loss and PPO-ptx), manual optimisation
+    1. rollout     `ppo.generation.rollout`       prompts → `Rollout` (HF `generate`, eval, no_grad)
+    2. score       `ppo.scoring.score`            → `Scores` (RM export or callable; normalise,
+                                                    EOS penalty, clip)
+    3. log-probs   `ppo.logprobs.logprobs_values` → `TokenStats` (π_old, π_ref, entropy, KL, values)
+    4. advantages  `ppo.advantages.estimate_advantages` → `Advantages` (KL-penalised rewards, GAE,
+                                                    whitening)
+    5. update      `ppo.update.ppo_update`        `Experience` → `UpdateStats` (clipped surrogate,
+                                                    value loss, entropy, KL loss, PPO-ptx)
 
-Steps 1–4 live in `rlhf_lightning.ppo.experience`, step 5 in `rlhf_lightning.ppo.step`. The KL
+The models are built once (`ppo.build.build_models` → `PPOModels`); the update reaches Lightning
+only through `LightningOps` (backward, optimizer steps, DDP no_sync, all-reduce). The KL
 controller, reward-hacking monitor, running reward statistics, RNG state (one per rank) and the
 PPO-ptx data position are saved in checkpoints so that `fit(..., ckpt_path=...)` continues
 exactly; frozen models that can be reloaded from disk (reward model, reference of a pretrained
@@ -24,29 +28,23 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import replace
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning.data.sampling import EpochBatches
-from rlhf_lightning.data.templates import response_separator
-from rlhf_lightning.models.heads import ValueHead
-from rlhf_lightning.models.loading import (
-    ModelSpec,
-    export_pretrained,
-    is_peft,
-    load_causal_lm,
-)
-from rlhf_lightning.models.reward_export import load_reward_model
-from rlhf_lightning.modules.base import StageModule
+from rlhf_lightning.models.loading import ModelSpec, export_pretrained
+from rlhf_lightning.modules.base import StageModule, coerce_config
 from rlhf_lightning.modules.common import (
     OptimConfig,
     build_optimizer,
     fused_allowed,
     log_text_table,
 )
-from rlhf_lightning.ppo import models as ppo_models
+from rlhf_lightning.modules.lightning_ops import LightningOps
+from rlhf_lightning.ppo import advantages, generation, logprobs, scoring, update
+from rlhf_lightning.ppo.build import ModelSpecs, build_models
 from rlhf_lightning.ppo.config import (
     KL_ESTIMATORS,
     CriticConfig,
@@ -57,26 +55,23 @@ from rlhf_lightning.ppo.config import (
     UpdateConfig,
     check_choice,
 )
-from rlhf_lightning.ppo.distributed import module_ranks
-from rlhf_lightning.ppo.experience import collect_experience, hf_generation_config
+from rlhf_lightning.ppo.distributed import CrossRank, module_ranks
+from rlhf_lightning.ppo.experience import Experience
 from rlhf_lightning.ppo.kl_control import build_kl_controller
+from rlhf_lightning.ppo.models import PPOModels
 from rlhf_lightning.ppo.monitor import RewardHackingMonitor
-from rlhf_lightning.ppo.reporting import (
-    eos_fraction,
-    iteration_metrics,
-    log_histograms,
-    sample_rows,
-)
-from rlhf_lightning.ppo.rollout import Rollout, RunningMoments
-from rlhf_lightning.ppo.state import (
-    coerce_config,
-    get_rng_state,
-    rank_rng_state,
-    same_vocabulary,
-    set_rng_state,
-)
-from rlhf_lightning.ppo.step import ppo_update
-from rlhf_lightning.scorers import load_scorer
+from rlhf_lightning.ppo.reporting import iteration_stats, log_histograms, sample_rows
+from rlhf_lightning.ppo.rollout import PromptBatch
+from rlhf_lightning.ppo.running_moments import RunningMoments
+from rlhf_lightning.ppo.state import get_rng_state, rank_rng_state, set_rng_state
+from rlhf_lightning.ppo.stats import IterationStats, StepTimings
+
+
+def _timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), wall-clock seconds)."""
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t0
 
 
 class PPOModule(StageModule):
@@ -86,7 +81,7 @@ class PPOModule(StageModule):
 
     def __init__(
         self,
-        policy: ModelSpec,
+        model_spec: ModelSpec,
         reward: RewardConfig | None = None,
         generation: GenerationConfig | None = None,
         kl: KLConfig | None = None,
@@ -94,13 +89,13 @@ class PPOModule(StageModule):
         critic: CriticConfig | None = None,
         monitor: MonitorConfig | None = None,
         optim: OptimConfig | None = None,
-        reference: ModelSpec | None = None,
+        reference_spec: ModelSpec | None = None,
         export_dir: str | None = None,
     ):
         """Build the module; models are created in `configure_model()`.
 
         Args:
-            policy: the policy to train, usually the SFT export (see `ModelSpec`; LoRA allowed).
+            model_spec: the policy to train, usually the SFT export (`ModelSpec`; LoRA allowed).
             reward: reward source (RM export dir or `module:function`), gold labeler, shaping.
             generation: rollout sampling (max_new_tokens, temperature, top-k/p, micro-batch).
             kl: KL coefficient, estimator (k1/k2/k3/full), in-reward or loss, adaptive target.
@@ -108,15 +103,17 @@ class PPOModule(StageModule):
             critic: value model choice (from the RM, a policy copy, or a shared value head).
             monitor: sample tables, histograms, reward-hacking and collapse warnings.
             optim: AdamW + warmup/cosine for the policy (the critic uses it with `critic.lr`).
-            reference: explicit reference model; null = frozen copy of the initial policy (or
-                the base weights with adapters disabled for a LoRA policy).
+            reference_spec: explicit reference model; null = frozen copy of the initial policy
+                (or the base weights with adapters disabled for a LoRA policy).
             export_dir: where the final policy is written with `save_pretrained`; null =
                 `<log_dir>/export`.
         """
         super().__init__()
         self.automatic_optimization = False
-        self.policy_spec = coerce_config(ModelSpec, policy)
-        self.reference_spec = coerce_config(ModelSpec, reference) if reference is not None else None
+        self.model_spec = coerce_config(ModelSpec, model_spec)
+        self.reference_spec = (
+            coerce_config(ModelSpec, reference_spec) if reference_spec is not None else None
+        )
         self.reward_cfg = coerce_config(RewardConfig, reward)
         self.generation_cfg = coerce_config(GenerationConfig, generation)
         self.kl_cfg = coerce_config(KLConfig, kl)
@@ -125,16 +122,10 @@ class PPOModule(StageModule):
         self.monitor_cfg = coerce_config(MonitorConfig, monitor)
         self.optim = coerce_config(OptimConfig, optim)
         self.export_dir = export_dir
-        # plain types only, so that checkpoints load with torch.load(weights_only=True); under the
-        # CLI the hparams are its config dump (with `_class_path`, used by `--ckpt_path` resume)
-        self.save_hyperparameters()
-        for hparams in (self.hparams, self._hparams_initial):
-            for key, value in list(hparams.items()):
-                if is_dataclass(value):
-                    hparams[key] = asdict(value)
+        self.save_plain_hparams()
         self._validate()
+        self.models: PPOModels | None = None
         self.policy = self.reference = self.critic = self.value_head = self.reward_model = None
-        self.reward_fn = self.gold_fn = self.reward_stats = self.reward_tokenizer = None
         self.kl_ctl = build_kl_controller(self.kl_cfg.coef, self.kl_cfg.target, self.kl_cfg.horizon)
         m = self.monitor_cfg
         self.monitor = RewardHackingMonitor(
@@ -164,54 +155,20 @@ class PPOModule(StageModule):
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
-        """Build policy, reference, reward source and critic (once)."""
+        """Build the `PPOModels` bundle once (`ppo.build`); register its models as submodules."""
         if self.policy is not None:
             return
-        tok = self.tokenizer
-        self.eos_ids = [tok.eos_token_id]
-        self.response_separator = response_separator(tok)
-        self.hf_generation = hf_generation_config(self.generation_cfg, tok)
-        self.policy = load_causal_lm(
-            self.policy_spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id
+        specs = ModelSpecs(
+            self.model_spec,
+            self.reference_spec,
+            self.reward_cfg,
+            self.generation_cfg,
+            self.critic_cfg,
         )
-        # from_pretrained returns eval mode; every model stays in train mode with dropout off
-        # (training_step switches to eval around rollouts), so Lightning sees one mode
-        ppo_models.disable_dropout(self.policy).train()
-        if self.reference_spec is not None:
-            ref = load_causal_lm(
-                self.reference_spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id
-            )
-            self.reference = ppo_models.frozen_copy(ppo_models.disable_dropout(ref))
-        elif not is_peft(self.policy):
-            self.reference = ppo_models.frozen_copy(self.policy)
-        r = self.reward_cfg
-        if r.model is not None:
-            rm, rm_tok, self.reward_stats = load_reward_model(r.model)
-            # train mode like the rest of the module (Lightning warns otherwise); dropout is off
-            # and training_step switches the frozen models to eval before using them
-            self.reward_model = ppo_models.disable_dropout(rm).train()
-            if not same_vocabulary(tok, rm_tok):
-                self.reward_tokenizer = rm_tok
-            if r.normalize == "stats" and not self.reward_stats:
-                rank_zero_warn(
-                    f"model.reward.model: {r.model} has no reward_stats.json; raw rewards"
-                )
-        else:
-            self.reward_fn = load_scorer(
-                r.function, "model.reward.function", r.function_kwargs, r.function_batched
-            )
-        if r.gold is not None:
-            self.gold_fn = load_scorer(r.gold, "model.reward.gold", r.gold_kwargs)
-        kind = self.critic_cfg.kind
-        if kind == "auto":
-            kind = "reward_model" if r.model is not None else "policy_copy"
-        if kind == "reward_model":
-            stats = self.reward_stats if r.normalize == "stats" else None
-            self.critic = ppo_models.critic_from_reward_model(self.reward_model, stats)
-        elif kind == "policy_copy":
-            self.critic = ppo_models.critic_from_policy(self.policy)
-        else:
-            self.value_head = ValueHead(self.policy.config.hidden_size)
+        self.models = models = build_models(specs, self.tokenizer)
+        self.policy, self.reference = models.policy, models.reference
+        self.reward_model = getattr(models.reward, "model", None)
+        self.critic, self.value_head = models.critic, models.value_head
 
     def configure_optimizers(self):
         """Policy (+ shared value head) optimizer and, with a separate critic, a critic optimizer."""
@@ -234,22 +191,10 @@ class PPOModule(StageModule):
         c_opt, c_sched = build_optimizer(self.critic.parameters(), critic_optim, total, fused)
         return [opt, c_opt], [sched, c_sched]
 
-    def ppo_optimizers(self) -> list:
-        """The Lightning-wrapped optimizers as a list."""
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, list | tuple) else [opts]
-
-    def ppo_schedulers(self) -> list:
-        """The schedulers as a list aligned with `ppo_optimizers()`."""
-        scheds = self.lr_schedulers()
-        if scheds is None:
-            return [None] * len(self.ppo_optimizers())
-        return list(scheds) if isinstance(scheds, list | tuple) else [scheds]
-
     # ------------------------------------------------------------------ data helpers
-    def next_ptx_batch(self) -> dict:
+    def _ptx_batch(self) -> dict:
         """Next demonstration batch for PPO-ptx, in the datamodule's seeded epoch order
-        (`EpochBatches`; its position is saved in checkpoints)."""
+        (`EpochBatches`; its position is saved in checkpoints), on this module's device."""
         if self._ptx is None:
             dm = self.trainer.datamodule
             loader = dm.dataloader(
@@ -272,44 +217,62 @@ class PPOModule(StageModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """One PPO iteration (steps 1–5, then logging)."""
+        """One PPO iteration: steps 1–5, then logging."""
         if self._rng is not None:
             set_rng_state(self._rng)
         for frozen in (self.reference, self.reward_model):
             if frozen is not None:
                 frozen.eval()
-        rollout, info = collect_experience(self, batch)  # steps 1–4
-        info["eos_fraction"] = eos_fraction(rollout, self.eos_ids)
-        t0 = time.perf_counter()
-        update_stats = ppo_update(self, rollout)  # step 5
-        info["update_s"] = time.perf_counter() - t0
-        ranks = module_ranks(self)  # what follows is over all data-parallel ranks
-        metrics = iteration_metrics(rollout, info, update_stats, self.kl_ctl.value, ranks)
-        n_samples = int(ranks.sum(torch.tensor(float(len(rollout)), device=self.device)))
-        self.kl_ctl.update(metrics["objective/kl"], n_samples)
-        responses = ranks.gather(info["responses"])
-        report = self.monitor.update(
-            metrics["objective/reward_raw"], metrics.get("objective/gold"), responses
+        m, ranks = self.models, module_ranks(self)  # ranks: reductions over data-parallel ranks
+        gen, kl, upd = self.generation_cfg, self.kl_cfg, self.update_cfg
+        with torch.no_grad():
+            with m.sampling_mode():
+                sampler = logprobs.uses_sampler_logprobs(m, gen, kl)
+                prompts = PromptBatch.from_batch(batch)
+                rollout, t1 = _timed(generation.rollout, m, prompts, gen, sampler_logprobs=sampler)
+                scores, t2 = _timed(scoring.score, m, rollout, self.reward_cfg, self.running, ranks)
+                tokens, t3 = _timed(logprobs.logprobs_values, m, rollout, gen, kl)
+            beta = self.kl_ctl.value if kl.mode == "reward" else 0.0
+            adv = advantages.estimate_advantages(scores, tokens, rollout, upd, beta, ranks)
+        self.running = scores.running
+        update_stats, t5 = _timed(
+            update.ppo_update,
+            m,
+            Experience.join(rollout, tokens, adv),
+            upd,
+            kl,
+            gen,
+            kl_coef=self.kl_ctl.value,
+            ops=LightningOps(self),
+            next_ptx=self._ptx_batch if upd.ptx_coef > 0 else None,
         )
-        metrics.update({f"monitor/{k}": v for k, v in report.signals.items()})
+        timings = StepTimings(t1, t2, t3, t5)
+        stats = iteration_stats(
+            rollout, scores, tokens, adv, update_stats, timings, self.kl_ctl.value, ranks
+        )
+        self._log_iteration(stats, rollout, scores, tokens, ranks)
+        self._rng = get_rng_state()
+
+    def _log_iteration(self, stats: IterationStats, rollout, scores, tokens, ranks: CrossRank):
+        """KL controller and monitor updates, then the tags, tables and histograms."""
+        n_samples = int(ranks.sum(torch.tensor(float(len(rollout)), device=self.device)))
+        self.kl_ctl.update(stats.kl, n_samples)
+        report = self.monitor.update(stats.reward_raw, stats.gold, ranks.gather(scores.responses))
+        stats = replace(stats, monitor=dict(report.signals))
         for message in report.warnings:
             self.warnings.append(message)
             rank_zero_warn(message)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(rollout))
-        self._log_samples(rollout, info)
-        self.history.append(metrics)
-        self.iteration += 1
-        self._rng = get_rng_state()
-
-    def _log_samples(self, rollout: Rollout, info: dict) -> None:
+        tags = stats.to_tags()
+        self.log_dict(tags, on_step=True, on_epoch=False, batch_size=len(rollout))
         m = self.monitor_cfg
-        if self.logger is None:
-            return
-        if m.sample_every and self.iteration % m.sample_every == 0:
-            rows = sample_rows(rollout, info, m.sample_rows)
-            log_text_table(self.loggers, "samples/ppo", rows, self.iteration)
-        if m.histogram_every and self.iteration % m.histogram_every == 0:
-            log_histograms(self.loggers, rollout, self.iteration)
+        if self.logger is not None:
+            if m.sample_every and self.iteration % m.sample_every == 0:
+                rows = sample_rows(rollout, scores, tokens, m.sample_rows)
+                log_text_table(self.loggers, "ppo/samples", rows, self.iteration)
+            if m.histogram_every and self.iteration % m.histogram_every == 0:
+                log_histograms(self.loggers, scores, tokens, rollout.response_mask, self.iteration)
+        self.history.append(tags)
+        self.iteration += 1
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip the gradient norm (`update.max_grad_norm`) right before each optimizer step: under
@@ -340,7 +303,7 @@ class PPOModule(StageModule):
     # ------------------------------------------------------------------ checkpoints
     def _rebuildable_prefixes(self) -> tuple[str, ...]:
         prefixes = ["reward_model."]
-        if self.reference_spec is not None or self.policy_spec.config is None:
+        if self.reference_spec is not None or self.model_spec.config is None:
             prefixes.append("reference.")
         return tuple(prefixes)
 
@@ -379,7 +342,7 @@ class PPOModule(StageModule):
         self.iteration = ppo["iteration"]
         self.kl_ctl.load_state_dict(ppo["kl_controller"])
         self.monitor.load_state_dict(ppo["monitor"])
-        self.running.load_state_dict(ppo["running"])
+        self.running = RunningMoments.from_state(ppo["running"])
         self._rng = rank_rng_state(ppo, self.global_rank, getattr(self._trainer, "world_size", 1))
         self._ptx_start, self._ptx = dict(ppo["ptx_position"]), None
         self.history, self.warnings = list(ppo["history"]), list(ppo["warnings"])

@@ -1,6 +1,10 @@
-"""Per-token rewards, whitening and generalised advantage estimation (pure functions).
+"""Step 4 of a PPO iteration: per-token rewards, GAE(γ, λ), whitening (pure functions).
 
-Everything here works on right-aligned response tensors `[B, R]` (response token `t` of row `b`),
+`estimate_advantages(scores, stats, rollout, cfg, kl_coef, ranks)` returns a frozen `Advantages`;
+the estimator is looked up in `ESTIMATORS` (only `"gae"`, which needs critic values, for now —
+the slot where critic-free estimators such as GRPO / RLOO / REINFORCE++ go).
+
+Everything here works on response tensors `[B, R]` (response token `t` of row `b`, right-padded),
 with a mask `[B, R]` that is 1 on valid response tokens (up to and including EOS) and 0 on
 padding after the response. Valid tokens of a row are contiguous from position 0.
 
@@ -18,12 +22,25 @@ Under data parallelism the batch statistics (whitening, masked means and varianc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from rlhf_lightning.models.masks import last_token_index
+from rlhf_lightning.ppo.config import UpdateConfig
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 
+if TYPE_CHECKING:
+    from rlhf_lightning.ppo.logprobs import TokenStats
+    from rlhf_lightning.ppo.rollout import Rollout
+    from rlhf_lightning.ppo.scoring import Scores
+
 __all__ = [
+    "Advantages",
+    "ESTIMATORS",
+    "estimate_advantages",
     "masked_mean",
     "masked_moments",
     "masked_var",
@@ -156,3 +173,47 @@ def explained_variance(
     if var_ret.item() == 0:
         return float("nan")
     return float(1 - var_err / var_ret)
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """Step 4's output. B = prompts, R = response width; float32, 0 on padding."""
+
+    rewards: torch.Tensor
+    """Float[B, R] per-token rewards: −β·kl on every token, plus the shaped score at the last."""
+    advantages: torch.Tensor
+    """Float[B, R] advantages (whitened over every rank's valid tokens when configured)."""
+    returns: torch.Tensor
+    """Float[B, R] value targets (GAE advantages before whitening + values)."""
+    kl_coef: float
+    """The β used in `rewards` (0 with `kl.mode: loss`)."""
+
+
+def _gae_estimator(
+    rewards: torch.Tensor, stats: TokenStats, mask: torch.Tensor, cfg: UpdateConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(γ, λ) on the critic's values: (advantages, returns), Float[B, R] each."""
+    return gae(rewards, stats.values, mask, cfg.gamma, cfg.lam)
+
+
+ESTIMATORS: dict[str, Callable] = {"gae": _gae_estimator}
+"""Advantage estimators by name: `(rewards, token_stats, mask, cfg) -> (advantages, returns)`."""
+
+
+def estimate_advantages(
+    scores: Scores,
+    stats: TokenStats,
+    rollout: Rollout,
+    cfg: UpdateConfig,
+    kl_coef: float,
+    ranks: CrossRank,
+    estimator: str = "gae",
+) -> Advantages:
+    """Step 4: KL-penalised per-token rewards (β = `kl_coef`) → `ESTIMATORS[estimator]` →
+    whitening over the valid tokens of every data-parallel rank (`ranks`)."""
+    mask = rollout.response_mask  # [B, R]
+    rewards = kl_penalised_rewards(scores.shaped, stats.kl, mask, kl_coef)  # [B, R]
+    adv, ret = ESTIMATORS[estimator](rewards, stats, mask, cfg)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, mask, ranks=ranks)
+    return Advantages(rewards, adv, ret, float(kl_coef))

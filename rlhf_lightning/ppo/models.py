@@ -1,4 +1,9 @@
-"""The models around the PPO policy: critic, frozen reference, dropout control.
+"""The models of the PPO stage: the `PPOModels` bundle, critic, frozen reference, dropout control.
+
+- `PPOModels` (built once by `ppo.build.build_models`): policy, reference (None = the LoRA policy
+  with adapters disabled), critic or shared value head (both None is the slot for critic-free
+  estimators), reward scorer, optional gold labeler, and `Vocab` (tokenizer, EOS ids, pad id,
+  prompt/response separator, the HF generation config). Steps 1–5 read their models from it.
 
 - Critic (`CriticModel`): a transformer trunk plus a scalar head giving one value per position.
   Default initialisation is from the reward model (Ouyang et al. 2022 initialise the value function
@@ -15,15 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
 
 from rlhf_lightning.models.heads import scalar_head, trunk_hidden
 from rlhf_lightning.models.loading import is_peft, unwrap_peft
 from rlhf_lightning.models.reward_export import backbone_and_head, reward_scale
 
+if TYPE_CHECKING:
+    from rlhf_lightning.models.heads import ValueHead
+    from rlhf_lightning.ppo.scoring import RewardScorer
+    from rlhf_lightning.scorers import BatchScorer
+
 __all__ = [
+    "Vocab",
+    "PPOModels",
     "CriticModel",
     "critic_from_reward_model",
     "critic_from_policy",
@@ -31,6 +47,59 @@ __all__ = [
     "reference_context",
     "disable_dropout",
 ]
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The policy's tokenizer and the token conventions derived from it."""
+
+    tokenizer: object
+    """The policy tokenizer (decodes responses, renders texts for a different-vocabulary RM)."""
+    eos_ids: tuple[int, ...]
+    """Token ids that end a response."""
+    pad_id: int
+    """Padding id of responses."""
+    response_separator: str
+    """Text between a rendered prompt and its response (`data.templates.response_separator`)."""
+    hf_generation: HFGenerationConfig
+    """Sampling config for `generate` (`generation.hf_generation_config`)."""
+
+
+@dataclass(frozen=True)
+class PPOModels:
+    """Every model a PPO iteration uses, built once (`ppo.build.build_models`)."""
+
+    policy: nn.Module
+    """The policy being trained (LoRA allowed)."""
+    reference: nn.Module | None
+    """Frozen reference; None = the LoRA policy with its adapters disabled."""
+    critic: CriticModel | None
+    """Separate value model; None with a shared `value_head`."""
+    value_head: ValueHead | None
+    """Value head on the policy's last hidden state; None with a separate `critic`."""
+    reward: RewardScorer
+    """Raw sequence reward of a rollout (`ppo.scoring`)."""
+    gold: BatchScorer | None
+    """Optional gold labeler (logged and monitored, never trained on)."""
+    vocab: Vocab
+    """Tokenizer and token conventions."""
+
+    def reference_model(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """Context yielding the module that computes reference log-probs."""
+        return reference_context(self.policy, self.reference)
+
+    @contextlib.contextmanager
+    def sampling_mode(self) -> Iterator[None]:
+        """Policy, critic and value head in eval mode for steps 1–3; their modes restored after."""
+        models = [m for m in (self.policy, self.critic, self.value_head) if m is not None]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
 
 
 class CriticModel(nn.Module):

@@ -1,13 +1,8 @@
-"""Metrics, sample tables and histograms of one PPO iteration (TensorBoard tag tree).
+"""Metrics, sample tables and histograms of one PPO iteration (tags: `ppo.stats`).
 
-Tags: `objective/{reward, reward_raw, rlhf_reward, kl, kl_coef, entropy, gold}`,
-`ppo/loss/{policy, value, ptx, kl, total}`, `ppo/policy/{approxkl, clipfrac, ratio_mean,
-ratio_at_start, entropy, epochs_done, early_stop}`, `ppo/val/{clipfrac, explained_variance, mean}`,
-`ppo/returns/mean`, `ppo/response_length/{mean, max}`, `ppo/response/eos_fraction`,
-`perf/{rollout_s, score_s, logprob_s, update_s, iteration_s, tokens_per_s}`, `monitor/*`.
-
-Under DDP the metrics are over the prompts of every rank (`ppo.distributed`), except `perf/*`
-(this rank's timings); sample tables and histograms show rank 0's rollout.
+`iteration_stats` reduces the outputs of steps 1–5 to a typed `IterationStats` over the batch of
+every data-parallel rank (`ppo.distributed`), except the timings (this rank's); sample tables and
+histograms show rank 0's rollout.
 """
 
 from __future__ import annotations
@@ -16,35 +11,32 @@ import math
 
 import torch
 
-from rlhf_lightning.models.masks import ends_with_eos
-from rlhf_lightning.ppo.advantages import explained_variance, masked_mean
+from rlhf_lightning.ppo.advantages import Advantages, explained_variance, masked_mean
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.logprobs import TokenStats
 from rlhf_lightning.ppo.rollout import Rollout
+from rlhf_lightning.ppo.scoring import Scores
+from rlhf_lightning.ppo.stats import IterationStats, StepTimings, UpdateStats
 
-__all__ = ["iteration_metrics", "sample_rows", "log_histograms"]
+__all__ = ["iteration_stats", "sample_rows", "log_histograms"]
 
 
-def iteration_metrics(
-    rollout: Rollout,
-    info: dict,
-    update_stats: dict[str, float],
-    kl_coef: float,
-    ranks: CrossRank = LOCAL,
+def _sequence_means(
+    rollout: Rollout, scores: Scores, tokens: TokenStats, kl_coef: float, ranks: CrossRank
 ) -> dict[str, float]:
-    """Flat dict of scalar metrics for `self.log_dict`, over the batch of every data-parallel rank
-    (`ranks`; `update_stats` are already global), so every rank gets the same values. Timings
-    (`perf/*`) are this rank's."""
+    """Per-sequence means over every rank's rows (float64 sums), plus the gold mean."""
     mask = rollout.response_mask
     lengths = mask.sum(1).float()  # [B]
-    seq_kl = (rollout.kl * mask).sum(1)  # [B]
-    gold = info.get("gold")
+    seq_kl = (tokens.kl * mask).sum(1)  # [B]
+    gold = scores.gold
+    eos_fraction = float(scores.ends_with_eos.float().mean())  # this rank's share
     per_sequence = {
-        "objective/reward": rollout.scores,
-        "objective/reward_raw": rollout.scores_raw,
-        "objective/rlhf_reward": rollout.scores - kl_coef * seq_kl,
-        "objective/kl": seq_kl,
-        "ppo/response_length/mean": lengths,
-        "ppo/response/eos_fraction": torch.full_like(lengths, info.get("eos_fraction", math.nan)),
+        "reward": scores.shaped,
+        "reward_raw": scores.raw,
+        "rlhf_reward": scores.shaped - kl_coef * seq_kl,
+        "kl": seq_kl,
+        "length_mean": lengths,
+        "eos_fraction": torch.full_like(lengths, eos_fraction),
     }  # name → Float[B]; the metric is the mean over all ranks' sequences
     counts = [len(rollout), sum(gold) if gold else 0.0, len(gold) if gold else 0]
     sums = torch.cat(
@@ -55,67 +47,80 @@ def iteration_metrics(
     )  # [K + 3]: per-sequence sums, sequences, Σ gold, gold count
     totals = ranks.sum(sums).tolist()
     count = totals[len(per_sequence)]
-    metrics = {key: total / count for key, total in zip(per_sequence, totals)}
-    metrics["objective/kl_coef"] = float(kl_coef)
-    metrics["objective/entropy"] = float(masked_mean(rollout.entropy, mask, ranks=ranks))
-    metrics["ppo/val/explained_variance"] = explained_variance(
-        rollout.values, rollout.returns, mask, ranks=ranks
-    )
-    metrics["ppo/returns/mean"] = float(masked_mean(rollout.returns, mask, ranks=ranks))
-    metrics["ppo/advantages/mean"] = float(masked_mean(rollout.advantages, mask, ranks=ranks))
-    metrics["ppo/response_length/max"] = float(ranks.max(lengths.max()))
+    means = {key: total / count for key, total in zip(per_sequence, totals)}
     if gold is not None:
-        metrics["objective/gold"] = totals[-2] / totals[-1] if totals[-1] else math.nan
-    for key, value in update_stats.items():
-        metrics[f"ppo/{key}"] = float(value)
-    _add_timings(metrics, info, float(lengths.sum()))
-    return metrics
+        means["gold"] = totals[-2] / totals[-1] if totals[-1] else math.nan
+    return means
 
 
-def _add_timings(metrics: dict[str, float], info: dict, tokens: float) -> None:
-    """`perf/*` of this rank: the step timings, their sum and the rollout throughput."""
-    timings = {k: info[k] for k in ("rollout_s", "score_s", "logprob_s", "update_s") if k in info}
-    for key, value in timings.items():
-        metrics[f"perf/{key}"] = value
-    metrics["perf/iteration_s"] = sum(timings.values())
-    metrics["perf/tokens_per_s"] = tokens / max(info.get("rollout_s", 0.0), 1e-9)
+def iteration_stats(
+    rollout: Rollout,
+    scores: Scores,
+    tokens: TokenStats,
+    adv: Advantages,
+    update: UpdateStats,
+    timings: StepTimings,
+    kl_coef: float,
+    ranks: CrossRank = LOCAL,
+) -> IterationStats:
+    """The iteration's statistics over the batch of every data-parallel rank (`ranks`; `update`
+    is already global), so every rank gets the same values; `timings` are this rank's."""
+    mask = rollout.response_mask
+    means = _sequence_means(rollout, scores, tokens, kl_coef, ranks)
+    lengths = mask.sum(1).float()  # [B]
+    return IterationStats(
+        reward=means["reward"],
+        reward_raw=means["reward_raw"],
+        rlhf_reward=means["rlhf_reward"],
+        kl=means["kl"],
+        kl_coef=float(kl_coef),
+        entropy=float(masked_mean(tokens.entropy, mask, ranks=ranks)),
+        explained_variance=explained_variance(tokens.values, adv.returns, mask, ranks=ranks),
+        returns_mean=float(masked_mean(adv.returns, mask, ranks=ranks)),
+        advantages_mean=float(masked_mean(adv.advantages, mask, ranks=ranks)),
+        length_mean=means["length_mean"],
+        length_max=float(ranks.max(lengths.max())),
+        eos_fraction=means["eos_fraction"],
+        gold=means.get("gold"),
+        update=update,
+        timings=timings,
+        tokens=float(lengths.sum()),
+    )
 
 
-def sample_rows(rollout: Rollout, info: dict, n: int) -> list[dict]:
+def sample_rows(rollout: Rollout, scores: Scores, tokens: TokenStats, n: int) -> list[dict]:
     """First `n` rows of prompt / response / reward / gold / KL for the text table."""
-    seq_kl = (rollout.kl * rollout.response_mask).sum(1)
-    gold = info.get("gold")
+    seq_kl = (tokens.kl * rollout.response_mask).sum(1)
     rows = []
     for i in range(min(n, len(rollout))):
         rows.append(
             {
-                "prompt": info["prompts"][i][-300:],
-                "response": info["responses"][i],
-                "reward": float(rollout.scores[i]),
-                "reward_raw": float(rollout.scores_raw[i]),
-                "gold": float(gold[i]) if gold is not None else "",
+                "prompt": rollout.prompts[i][-300:],
+                "response": scores.responses[i],
+                "reward": float(scores.shaped[i]),
+                "reward_raw": float(scores.raw[i]),
+                "gold": float(scores.gold[i]) if scores.gold is not None else "",
                 "kl": float(seq_kl[i]),
             }
         )
     return rows
 
 
-def log_histograms(logger, rollout: Rollout, step: int) -> bool:
-    """Reward and per-token KL histograms on TensorBoard loggers; False when none accepts them."""
+def log_histograms(
+    logger, scores: Scores, tokens: TokenStats, mask: torch.Tensor, step: int
+) -> bool:
+    """Reward and per-token KL (valid tokens of `mask` [B, R]) histograms on TensorBoard loggers;
+    False when none accepts them."""
     loggers = logger if isinstance(logger, list | tuple) else [logger]
-    mask = rollout.response_mask.bool()
+    valid = mask.bool()
     wrote = False
     for item in loggers:
         experiment = getattr(item, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_histogram"):
             continue
-        experiment.add_histogram("objective/reward_hist", rollout.scores.float().cpu(), step)
-        experiment.add_histogram("objective/kl_token_hist", rollout.kl[mask].float().cpu(), step)
+        experiment.add_histogram("ppo/objective/reward_hist", scores.shaped.float().cpu(), step)
+        experiment.add_histogram(
+            "ppo/objective/kl_token_hist", tokens.kl[valid].float().cpu(), step
+        )
         wrote = True
     return wrote
-
-
-def eos_fraction(rollout: Rollout, eos_ids: list[int]) -> float:
-    """Fraction of responses that end with an EOS token."""
-    ends = ends_with_eos(rollout.response_ids, rollout.response_mask, eos_ids)  # [B]
-    return float(ends.float().mean())

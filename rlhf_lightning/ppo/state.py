@@ -1,4 +1,4 @@
-"""Small state helpers of the PPO module: config coercion, vocabulary check, RNG snapshots.
+"""Small state helpers of the PPO module: vocabulary check, RNG snapshots.
 
 RNG snapshots hold only tensors and plain Python types, so checkpoints that contain them still
 load with `torch.load(weights_only=True)` (Lightning's default for `--ckpt_path`). A checkpoint
@@ -12,16 +12,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["coerce_config", "same_vocabulary", "get_rng_state", "set_rng_state", "rank_rng_state"]
-
-
-def coerce_config(cls, value):
-    """A config dataclass from an instance, a dict (e.g. from a checkpoint) or None (defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        return cls(**value)
-    return value
+__all__ = ["same_vocabulary", "get_rng_state", "set_rng_state", "rank_rng_state"]
 
 
 def same_vocabulary(policy_tok, reward_tok) -> bool:

@@ -119,7 +119,7 @@ def save(out: Path, name: str, tr: pl.Trainer, module, recorder: Recorder, **ext
 
 def run_sft(out: Path, name: str, devices: int, precision: str) -> None:
     """3 optimizer steps; on 2 ranks with micro-batch 1 × accumulate 2 (global batch 4)."""
-    from rlhf_lightning.modules.sft import SFTModule
+    from rlhf_lightning.modules.sft import SFTModule, SFTSampleConfig
 
     tok = tokenizer()
     records = [
@@ -137,8 +137,8 @@ def run_sft(out: Path, name: str, devices: int, precision: str) -> None:
     module = SFTModule(
         ModelSpec(config=tiny_llama(len(tok))),
         optim=OptimConfig(lr=1e-2, total_steps=10),
+        samples=SFTSampleConfig(every_n_steps=0),
         export_dir=str(out / f"{name}_export"),
-        sample_every_n_steps=0,
     )
     rec = Recorder(manual=False)
     tr = trainer(
@@ -150,7 +150,7 @@ def run_sft(out: Path, name: str, devices: int, precision: str) -> None:
 
 def run_rm(out: Path, name: str, devices: int, precision: str) -> None:
     """3 optimizer steps on pairs and 3-way rankings (per-prompt loss mean)."""
-    from rlhf_lightning.modules.reward import RewardModule
+    from rlhf_lightning.modules.reward import RewardExportConfig, RewardLogConfig, RewardModule
 
     tok = tokenizer()
     records = []
@@ -167,9 +167,8 @@ def run_rm(out: Path, name: str, devices: int, precision: str) -> None:
     module = RewardModule(
         ModelSpec(config=tiny_llama(len(tok))),
         optim=OptimConfig(lr=1e-2, total_steps=10),
-        export=False,
-        histogram_every_n_steps=0,
-        worst_pairs=0,
+        logging=RewardLogConfig(histogram_every_n_steps=0, worst_pairs=0),
+        export=RewardExportConfig(enabled=False),
     )
     rec = Recorder(manual=False)
     tr = trainer(devices, precision, out, max_steps=3, callbacks=[rec])
@@ -178,10 +177,10 @@ def run_rm(out: Path, name: str, devices: int, precision: str) -> None:
 
 
 def fixed_generate(model, query_ids, query_mask, *, eos_token_id, pad_token_id, **kw):
-    """Stand-in for `rollout.generate`: a response that depends only on the prompt's tokens, so a
+    """Stand-in for `generation.generate`: a response that depends only on the prompt's tokens, so a
     PPO iteration is a deterministic function of its prompts (no sampling noise)."""
     from rlhf_lightning.models.masks import response_mask
-    from rlhf_lightning.ppo.rollout import Samples
+    from rlhf_lightning.ppo.generation import Samples
 
     eos = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
     good = [t for t in range(5, model.config.vocab_size) if t not in (eos, pad_token_id)]
@@ -208,7 +207,7 @@ def ppo_module(tok, **kw):
     )
 
     args = dict(
-        policy=ModelSpec(config=tiny_llama(len(tok))),
+        model_spec=ModelSpec(config=tiny_llama(len(tok))),
         reward=RewardConfig(
             function=f"{TOY}:word_frequency",
             function_kwargs={"word": "good"},
@@ -261,17 +260,17 @@ def ppo_extra(module) -> dict:
 
 def run_ppo_fixed(out: Path, name: str, devices: int, precision: str) -> None:
     """4 PPO iterations on fixed responses: 2 epochs × one whole-batch minibatch each."""
-    import rlhf_lightning.ppo.experience as experience
+    import rlhf_lightning.ppo.generation as generation
 
     tok = tokenizer()
     module = ppo_module(tok, export_dir=str(out / f"{name}_export"))
     rec = Recorder(manual=True)
     tr = trainer(devices, precision, out, max_epochs=1, callbacks=[rec])
-    sampler, experience.generate = experience.generate, fixed_generate
+    sampler, generation.generate = generation.generate, fixed_generate
     try:
         tr.fit(module, datamodule=prompt_data(tok, 4 * PPO_GLOBAL_BATCH, devices))
     finally:
-        experience.generate = sampler
+        generation.generate = sampler
     save(out, name, tr, module, rec, **ppo_extra(module))
 
 

@@ -119,17 +119,20 @@ def test_ppo_update_on_fixed_rollouts_equals_one_process(ddp_results):
 
 def test_ppo_statistics_are_global(ddp_results):
     """Whitening, the adaptive KL controller's measured KL, the running reward moments, the
-    monitor and every logged metric (but perf/*) equal the 1-process values on both ranks."""
+    monitor and every logged metric (but ppo/perf/*) equal the 1-process values on both ranks."""
     rank0, rank1, single, ref = _runs(ddp_results, "ppo_fixed")
     for key in ("kl_coef", "running", "monitor"):
         assert _nan_equal(rank0[key], rank1[key]), key
     assert _nan_equal(*(_without_perf(run["history"]) for run in (rank0, rank1)))
     assert len(rank0["history"]) == len(ref["history"]) == 4
-    keys = [k for k in ref["history"][0] if not k.startswith("perf/")]
-    assert {"ppo/advantages/mean", "objective/kl", "monitor/distinct_2", "ppo/loss/ptx"} <= set(
-        keys
-    )
-    assert set(keys) == {k for k in rank0["history"][0] if not k.startswith("perf/")}
+    keys = [k for k in ref["history"][0] if not k.startswith("ppo/perf/")]
+    assert {
+        "ppo/advantages/mean",
+        "ppo/objective/kl",
+        "ppo/monitor/distinct_2",
+        "ppo/loss/ptx",
+    } <= set(keys)
+    assert set(keys) == {k for k in rank0["history"][0] if not k.startswith("ppo/perf/")}
     for key in keys:
         values = [[h[key] for h in run["history"]] for run in (rank0, single, ref)]
         assert_scalars_close(key, *values)
@@ -147,8 +150,8 @@ def test_ppo_statistics_are_global(ddp_results):
 
 
 def _without_perf(history: list[dict]) -> list[dict]:
-    """Metric history without the timings (`perf/*`, this rank's wall-clock)."""
-    return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
+    """Metric history without the timings (`ppo/perf/*`, this rank's wall-clock)."""
+    return [{k: v for k, v in h.items() if not k.startswith("ppo/perf/")} for h in history]
 
 
 def _nan_equal(a, b) -> bool:

@@ -14,13 +14,17 @@ import threading
 import pytest
 import torch
 
-from rlhf_lightning.ppo.advantages import explained_variance, masked_mean, whiten
+from rlhf_lightning.ppo.advantages import Advantages, explained_variance, masked_mean, whiten
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.logprobs import TokenStats
 from rlhf_lightning.ppo.losses import PPOStats
 from rlhf_lightning.ppo.monitor import RewardHackingMonitor
-from rlhf_lightning.ppo.reporting import iteration_metrics
-from rlhf_lightning.ppo.rollout import Rollout, RunningMoments
+from rlhf_lightning.ppo.reporting import iteration_stats
+from rlhf_lightning.ppo.rollout import Rollout
+from rlhf_lightning.ppo.running_moments import RunningMoments
+from rlhf_lightning.ppo.scoring import Scores
 from rlhf_lightning.ppo.state import get_rng_state, rank_rng_state
+from rlhf_lightning.ppo.stats import StepTimings, UpdateStats
 
 TOL = 1e-12
 LENGTHS = [[5, 1, 3], [4, 2, 6, 6, 1]]  # valid tokens per row, shard 0 and shard 1
@@ -131,7 +135,7 @@ def test_running_reward_moments_merge_every_rank():
     def two_updates(ranks, shard):
         moments = RunningMoments()
         for values in shard:
-            moments.update(values, ranks)
+            moments = moments.merged(values, ranks)
         return moments.state_dict()
 
     # rank 0 sees batches 0 and 2, rank 1 batches 1 and 3 (two iterations of 7 and 8 rewards)
@@ -145,8 +149,18 @@ def test_running_reward_moments_merge_every_rank():
     assert alone["count"] == 7 and alone["mean"] != pytest.approx(states[0]["mean"], abs=1e-3)
 
 
-def _rollout(lengths: list[int], seed: int) -> tuple[Rollout, dict]:
-    """A random float64 rollout with rows of `lengths` valid tokens, and its `info` dict."""
+class _Part:
+    """The outputs of steps 1–4 for one shard (random float64), as `iteration_stats` takes them."""
+
+    def __init__(self, rollout, scores, tokens, adv):
+        self.rollout, self.scores, self.tokens, self.adv = rollout, scores, tokens, adv
+
+    def args(self):
+        return self.rollout, self.scores, self.tokens, self.adv
+
+
+def _part(lengths: list[int], seed: int) -> _Part:
+    """A random float64 shard with rows of `lengths` valid tokens."""
     gen = torch.Generator().manual_seed(seed)
     b, width = len(lengths), max(lengths)
     mask = _mask(lengths, width)
@@ -154,74 +168,85 @@ def _rollout(lengths: list[int], seed: int) -> tuple[Rollout, dict]:
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    rollout = Rollout(
-        torch.ones(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.long),
-        torch.ones(b, width, dtype=torch.long), mask,
-        entropy=rand(b, width).abs() * mask, kl=rand(b, width).abs() * mask,
-        values=rand(b, width) * mask, scores=rand(b), scores_raw=rand(b),
-        returns=rand(b, width) * mask, advantages=rand(b, width) * mask,
-    )  # fmt: skip
     words = ["good", "bad", "plot", "the"]
-    info = {
-        "gold": rand(b).tolist(),
-        "eos_fraction": float(seed % 2),
-        "responses": [" ".join(words[(seed + i + k) % 4] for k in range(n)) for i, n in
-                      enumerate(lengths)],
-    }  # fmt: skip
-    return rollout, info
+    responses = [
+        " ".join(words[(seed + i + k) % 4] for k in range(n)) for i, n in enumerate(lengths)
+    ]
+    ones = torch.ones(b, 2, dtype=torch.long)
+    rollout = Rollout(ones, ones, torch.ones(b, width, dtype=torch.long), mask, ["p"] * b)
+    zeros = torch.zeros(b, width, dtype=torch.float64)
+    tokens = TokenStats(zeros, zeros, rand(b, width).abs() * mask, rand(b, width).abs() * mask,
+                        rand(b, width) * mask)  # fmt: skip
+    shaped, raw = rand(b), rand(b)
+    ends = torch.full((b,), seed % 2 == 1)  # EOS share 0 / 1 per shard (exact in float32)
+    scores = Scores(responses, raw, shaped, ends, rand(b).tolist(), RunningMoments())
+    adv = Advantages(zeros, rand(b, width) * mask, rand(b, width) * mask, 0.1)
+    return _Part(rollout, scores, tokens, adv)
 
 
-def _concat(parts: list[Rollout]) -> Rollout:
-    """One rollout of all rows, [B, R] fields right-padded with 0 to the widest part."""
-    fields = {}
-    for name in ("query_ids", "query_mask", "response_ids", "response_mask", "entropy", "kl",
-                 "values", "returns", "advantages", "scores", "scores_raw"):  # fmt: skip
-        tensors = [getattr(p, name) for p in parts]
+def _concat(parts: list[_Part]) -> _Part:
+    """One shard of all rows, [B, R] fields right-padded with 0 to the widest part."""
+
+    def cat(tensors):
         if tensors[0].dim() == 2:
             width = max(t.shape[1] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
-        fields[name] = torch.cat(tensors)
-    return Rollout(**fields)
+        return torch.cat(tensors)
+
+    def join(objs, names):
+        return [cat([getattr(o, n) for o in objs]) for n in names]
+
+    r = [p.rollout for p in parts]
+    rollout = Rollout(*join(r, ("query_ids", "query_mask", "response_ids", "response_mask")),
+                      sum((x.prompts for x in r), []))  # fmt: skip
+    sc = [p.scores for p in parts]
+    scores = Scores(sum((x.responses for x in sc), []), *join(sc, ("raw", "shaped", "ends_with_eos")),
+                    sum((x.gold for x in sc), []), RunningMoments())  # fmt: skip
+    tokens = TokenStats(*join([p.tokens for p in parts], ("logprobs", "ref_logprobs", "entropy",
+                                                           "kl", "values")))  # fmt: skip
+    adv = Advantages(*join([p.adv for p in parts], ("rewards", "advantages", "returns")), 0.1)
+    return _Part(rollout, scores, tokens, adv)
+
+
+UPDATE = UpdateStats(*([0.5] * 4), 0.25, *([0.5] * 5), epochs_done=1, early_stop=False)
+TIMINGS = StepTimings(1.0, 1.0, 1.0, 1.0)
 
 
 def test_iteration_metrics_kl_and_monitor_are_global():
     """Every metric (incl. the sequence KL the adaptive controller reads, response-length max, EOS
     fraction, gold) and the monitor's signals over 2 shards equal those of the whole batch."""
-    parts = [_rollout(lengths, seed) for seed, lengths in enumerate(LENGTHS)]
-    whole = _concat([r for r, _ in parts])
-    sizes = [len(lengths) for lengths in LENGTHS]
-    info = {
-        "gold": sum((i["gold"] for _, i in parts), []),
-        "eos_fraction": sum(i["eos_fraction"] * n for (_, i), n in zip(parts, sizes)) / sum(sizes),
-        "responses": sum((i["responses"] for _, i in parts), []),
-    }
-    update_stats = {"policy/approxkl": 0.25}
+    parts = [_part(lengths, seed) for seed, lengths in enumerate(LENGTHS)]
+    whole = _concat(parts)
 
     def metrics_and_monitor(ranks, part):
-        rollout, part_info = part
-        metrics = iteration_metrics(rollout, part_info, update_stats, 0.1, ranks)
+        metrics = iteration_stats(*part.args(), UPDATE, TIMINGS, 0.1, ranks).to_tags()
         monitor = RewardHackingMonitor(window=3)
         report = monitor.update(
-            metrics["objective/reward_raw"], metrics["objective/gold"],
-            ranks.gather(part_info["responses"]),
+            metrics["ppo/objective/reward_raw"], metrics["ppo/objective/gold"],
+            ranks.gather(part.scores.responses),
         )  # fmt: skip
         return metrics, report.signals
 
     results = ThreadRanks(2).run(metrics_and_monitor, parts)
-    expected = iteration_metrics(whole, info, update_stats, 0.1)
+    expected = iteration_stats(*whole.args(), UPDATE, TIMINGS, 0.1).to_tags()
     signals = (
         RewardHackingMonitor(window=3)
-        .update(expected["objective/reward_raw"], expected["objective/gold"], info["responses"])
+        .update(
+            expected["ppo/objective/reward_raw"],
+            expected["ppo/objective/gold"],
+            whole.scores.responses,
+        )
         .signals
     )
-    keys = [k for k in expected if not k.startswith("perf/")]
-    assert "objective/kl" in keys and "ppo/response_length/max" in keys
+    keys = [k for k in expected if not k.startswith("ppo/perf/")]
+    assert "ppo/objective/kl" in keys and "ppo/response/length_max" in keys
+    assert "ppo/response/eos_fraction" in keys
     for metrics, got_signals in results:
         for key in keys:
             assert metrics[key] == pytest.approx(expected[key], abs=TOL, nan_ok=True), key
         assert got_signals == pytest.approx(signals, abs=TOL)
-    local = iteration_metrics(*parts[1], update_stats, 0.1)
-    assert local["objective/kl"] != pytest.approx(expected["objective/kl"], abs=1e-3)
+    local = iteration_stats(*parts[1].args(), UPDATE, TIMINGS, 0.1).to_tags()
+    assert local["ppo/objective/kl"] != pytest.approx(expected["ppo/objective/kl"], abs=1e-3)
 
 
 def test_ppo_stats_average_the_ranks_minibatch_values():

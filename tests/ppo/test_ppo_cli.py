@@ -26,7 +26,7 @@ trainer:
 model:
   class_path: PPOModule
   init_args:
-    policy:
+    model_spec:
       config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
                num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}}
     reward:

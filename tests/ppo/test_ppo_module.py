@@ -44,7 +44,7 @@ def _datamodule(tokenizer, n_prompts=64, batch_size=16, demos=False):
 
 def _module(tokenizer, config, **kw):
     args = {
-        "policy": ModelSpec(config=config(len(tokenizer))),
+        "model_spec": ModelSpec(config=config(len(tokenizer))),
         "reward": RewardConfig(function=TOY, function_kwargs={"word": "good"}, normalize="none"),
         "generation": GenerationConfig(max_new_tokens=8),
         "kl": KLConfig(coef=0.01),
@@ -80,7 +80,7 @@ def test_reward_rises_and_logs_tag_tree(tmp_path, tiny_tokenizer, tiny_config):
     _trainer(tmp_path, logger=logger, max_epochs=5).fit(
         module, datamodule=_datamodule(tiny_tokenizer)
     )
-    rewards = [h["objective/reward"] for h in module.history]
+    rewards = [h["ppo/objective/reward"] for h in module.history]
     assert len(rewards) == 20
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.15 and last > 2 * first, rewards
@@ -93,11 +93,11 @@ def test_reward_rises_and_logs_tag_tree(tmp_path, tiny_tokenizer, tiny_config):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in (
-        "objective/reward",
-        "objective/reward_raw",
-        "objective/kl",
-        "objective/kl_coef",
-        "objective/entropy",
+        "ppo/objective/reward",
+        "ppo/objective/reward_raw",
+        "ppo/objective/kl",
+        "ppo/objective/kl_coef",
+        "ppo/objective/entropy",
         "ppo/loss/policy",
         "ppo/loss/value",
         "ppo/loss/total",
@@ -105,20 +105,21 @@ def test_reward_rises_and_logs_tag_tree(tmp_path, tiny_tokenizer, tiny_config):
         "ppo/policy/clipfrac",
         "ppo/policy/ratio_mean",
         "ppo/policy/ratio_at_start",
-        "ppo/val/clipfrac",
-        "ppo/val/explained_variance",
-        "ppo/val/mean",
+        "ppo/value/clipfrac",
+        "ppo/value/explained_variance",
+        "ppo/value/mean",
         "ppo/returns/mean",
-        "ppo/response_length/mean",
-        "ppo/response_length/max",
-        "perf/rollout_s",
-        "perf/update_s",
-        "perf/tokens_per_s",
+        "ppo/response/length_mean",
+        "ppo/response/length_max",
+        "ppo/perf/rollout_s",
+        "ppo/perf/update_s",
+        "ppo/perf/tokens_per_s",
     ):
         assert tag in scalars, tag
-    assert len(events.Scalars("objective/reward")) == 20  # one point per PPO iteration
-    assert "objective/reward_hist" in events.Tags()["histograms"]
-    assert any("samples/ppo" in t for t in events.Tags()["tensors"])
+    assert all(t.startswith("ppo/") for t in scalars - {"epoch", "hp_metric"}), scalars
+    assert len(events.Scalars("ppo/objective/reward")) == 20  # one point per PPO iteration
+    assert "ppo/objective/reward_hist" in events.Tags()["histograms"]
+    assert any("ppo/samples" in t for t in events.Tags()["tensors"])
 
 
 def _run(tmp_path, tokenizer, config, ckpt_in=None, callbacks=(), n_prompts=64, max_epochs=1):
@@ -162,7 +163,7 @@ def test_resume_gives_identical_metrics(
     resumed = _run(tmp_path / "c", tiny_tokenizer, tiny_config, ckpt_in=str(ckpt), **kw)
     assert len(resumed.history) == 4
     for a, b in zip(straight.history, resumed.history):
-        keys = [k for k in a if not k.startswith("perf/")]
+        keys = [k for k in a if not k.startswith("ppo/perf/")]
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     assert straight.kl_ctl.value == resumed.kl_ctl.value != 0.05
     for (name, p), (_, q) in zip(
@@ -172,7 +173,7 @@ def test_resume_gives_identical_metrics(
 
 
 def test_ratio_mismatch_is_reported(tmp_path, tiny_tokenizer, tiny_config, monkeypatch):
-    import rlhf_lightning.ppo.step as step
+    import rlhf_lightning.ppo.update as step
 
     real = step.response_forward
 
@@ -217,13 +218,18 @@ def test_options_ptx_value_head_kl_loss_full(tmp_path, tiny_tokenizer, tiny_conf
         ),
     )
     dm = _datamodule(tiny_tokenizer, n_prompts=32, demos=True)
-    drawn, next_ptx_batch = [], module.next_ptx_batch
-    module.next_ptx_batch = lambda: drawn.append(next_ptx_batch()) or drawn[-1]
+    drawn, ptx_batch = [], module._ptx_batch  # record what the update step is given
+    module._ptx_batch = lambda: drawn.append(ptx_batch()) or drawn[-1]
     _trainer(tmp_path, limit_train_batches=2).fit(module, datamodule=dm)
     assert module.critic is None and module.value_head is not None
     assert len(module.history) == 2
     for h in module.history:
-        for key in ("ppo/loss/ptx", "ppo/loss/kl", "objective/gold", "ppo/policy/dual_clipfrac"):
+        for key in (
+            "ppo/loss/ptx",
+            "ppo/loss/kl",
+            "ppo/objective/gold",
+            "ppo/policy/dual_clipfrac",
+        ):
             assert math.isfinite(h[key]), key
     assert module.history[0]["ppo/loss/ptx"] > 0
     # 2 iterations × 2 epochs × 2 minibatches = 8 ptx batches = 2 passes over 16 demos / 4
@@ -249,11 +255,13 @@ def test_lora_policy_uses_adapters_disabled_as_reference(tmp_path, tiny_tokenize
         config=tiny_config(len(tiny_tokenizer)),
         lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
     )
-    module = _module(tiny_tokenizer, tiny_config, policy=spec, optim=OptimConfig(lr=1e-2))
+    module = _module(tiny_tokenizer, tiny_config, model_spec=spec, optim=OptimConfig(lr=1e-2))
     _trainer(tmp_path, limit_train_batches=2).fit(module, datamodule=_datamodule(tiny_tokenizer))
     assert module.reference is None
-    assert module.history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at 0
-    assert module.history[1]["objective/kl"] != 0.0
+    assert module.history[0]["ppo/objective/kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # adapters start at 0
+    assert module.history[1]["ppo/objective/kl"] != 0.0
 
 
 def test_reward_model_export_and_critic_init(tmp_path, tiny_tokenizer, tiny_config):
@@ -271,7 +279,7 @@ def test_reward_model_export_and_critic_init(tmp_path, tiny_tokenizer, tiny_conf
     )
     _trainer(tmp_path, limit_train_batches=1).fit(module, datamodule=_datamodule(tiny_tokenizer))
     h = module.history[0]
-    assert math.isfinite(h["objective/reward"]) and math.isfinite(h["objective/reward_raw"])
+    assert math.isfinite(h["ppo/objective/reward"]) and math.isfinite(h["ppo/objective/reward_raw"])
 
     # the critic starts as the normalised reward model: V(last token) = (score − mean) / std
     fresh = _module(tiny_tokenizer, tiny_config, reward=RewardConfig(model=str(rm_dir)))
@@ -286,10 +294,10 @@ def test_reward_model_export_and_critic_init(tmp_path, tiny_tokenizer, tiny_conf
 
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="exactly one"):
-        PPOModule(policy=ModelSpec(config={"model_type": "llama"}), reward=RewardConfig())
+        PPOModule(model_spec=ModelSpec(config={"model_type": "llama"}), reward=RewardConfig())
     with pytest.raises(ValueError, match="model.kl.estimator"):
         PPOModule(
-            policy=ModelSpec(config={"model_type": "llama"}),
+            model_spec=ModelSpec(config={"model_type": "llama"}),
             reward=RewardConfig(function=TOY),
             kl=KLConfig(estimator="k9"),
         )
@@ -323,7 +331,7 @@ def test_update_is_invariant_to_micro_batch_size(tmp_path, tiny_tokenizer, tiny_
         runs.append(module)
     base = runs[0]
     for other in runs[1:]:
-        for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/val/mean"):
+        for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/value/mean"):
             assert other.history[0][key] == pytest.approx(base.history[0][key], rel=1e-4, abs=1e-6)
         for p, q in zip(base.policy.parameters(), other.policy.parameters()):
             assert torch.allclose(p, q, atol=1e-5)

@@ -39,7 +39,7 @@ def _datamodule(tokenizer, batch_size=16):
 def _module(tokenizer, config, **kw):
     """A tiny-Llama PPOModule rewarded for the word "good"."""
     args = {
-        "policy": ModelSpec(config=config(len(tokenizer))),
+        "model_spec": ModelSpec(config=config(len(tokenizer))),
         "reward": RewardConfig(
             function="rlhf_lightning.ppo.toy:word_frequency",
             function_kwargs={"word": "good"},
@@ -53,6 +53,22 @@ def _module(tokenizer, config, **kw):
     }
     args.update(kw)
     return PPOModule(**args)
+
+
+def _steps_1_to_3(module, batch):
+    """Steps 1–3 of `module.training_step` on `batch`: (Rollout, TokenStats)."""
+    from rlhf_lightning.ppo import generation, logprobs, scoring
+    from rlhf_lightning.ppo.distributed import LOCAL
+    from rlhf_lightning.ppo.rollout import PromptBatch
+
+    m, gen, kl = module.models, module.generation_cfg, module.kl_cfg
+    with torch.no_grad(), m.sampling_mode():
+        sampler = logprobs.uses_sampler_logprobs(m, gen, kl)
+        rollout = generation.rollout(
+            m, PromptBatch.from_batch(batch), gen, sampler_logprobs=sampler
+        )
+        scoring.score(m, rollout, module.reward_cfg, module.running, LOCAL)
+        return rollout, logprobs.logprobs_values(m, rollout, gen, kl)
 
 
 def _float64(model):
@@ -77,18 +93,18 @@ def test_sampler_logprobs_match_a_policy_forward(
     step 3 is skipped unless the exact-KL estimator needs the policy logits."""
     from rlhf_lightning.kernels import kl_penalty
 
-    import rlhf_lightning.ppo.experience as experience
-    from rlhf_lightning.ppo.rollout import response_forward
+    import rlhf_lightning.ppo.logprobs as logprobs
+    from rlhf_lightning.ppo.logprobs import response_forward
 
     calls = []
-    real = experience.response_forward
+    real = logprobs.response_forward
     monkeypatch.setattr(
-        experience, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k)
+        logprobs, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     dm = _datamodule(tiny_tokenizer, batch_size=8)
     dm.setup("fit")
     batch = next(iter(dm.dataloader("prompt", "train")))
-    rollouts = {}
+    rollouts, stats = {}, {}
     for sampled in (True, False):
         torch.manual_seed(0)
         module = _module(
@@ -104,11 +120,12 @@ def test_sampler_logprobs_match_a_policy_forward(
         _favour_eos(module, tiny_tokenizer)
         calls.clear()
         torch.manual_seed(1)
-        rollouts[sampled], _ = experience.collect_experience(module, batch)
+        rollouts[sampled], stats[sampled] = _steps_1_to_3(module, batch)
         assert len(calls) == (0 if sampled and estimator != "full" else 3)  # 3 micro-batches
-    a, b = rollouts[True], rollouts[False]
-    assert torch.equal(a.response_ids, b.response_ids)
-    lengths = a.response_mask.sum(1)  # [8]
+    ra, a, b = rollouts[True], stats[True], stats[False]
+    assert torch.equal(ra.response_ids, rollouts[False].response_ids)
+    assert (ra.sampled is not None) == (estimator != "full") and rollouts[False].sampled is None
+    lengths = ra.response_mask.sum(1)  # [8]
     chunk_widths = {int(lengths[i : i + 3].max()) for i in (0, 3, 6)}
     assert len(set(lengths.tolist())) >= 3 and len(chunk_widths) >= 2, lengths
     policy_side = () if estimator == "k1" else ("logprobs", "entropy", "kl")  # "full": a forward
@@ -116,22 +133,28 @@ def test_sampler_logprobs_match_a_policy_forward(
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     if estimator == "k1":  # sampler vs policy forward: both float32, judged against float64
         with torch.no_grad():
-            exact = response_forward(_float64(module.policy), a, temperature=0.7)
-        exact["kl"] = kl_penalty(exact["logprobs"], a.ref_logprobs.double(), "k1") * a.response_mask
+            exact = response_forward(_float64(module.policy), ra, temperature=0.7)
+        exact["kl"] = (
+            kl_penalty(exact["logprobs"], a.ref_logprobs.double(), "k1") * ra.response_mask
+        )
         for key in ("logprobs", "entropy", "kl"):
             within_torch_error(getattr(a, key), getattr(b, key), exact[key], name=key)
-    padding = a.response_mask == 0
+    padding = ra.response_mask == 0
     assert padding.any() and a.logprobs[padding].abs().sum() == 0  # padding stays 0
     assert (a.logprobs[~padding] < 0).all()
 
 
 def test_sampler_logprobs_default_is_float32_only(tiny_tokenizer, tiny_config):
     """null = sampler log-probs for a float32 policy; a policy forward in 16-bit or autocast."""
-    from rlhf_lightning.ppo.experience import uses_sampler_logprobs
+    from rlhf_lightning.ppo.logprobs import uses_sampler_logprobs as uses
 
     module = _module(tiny_tokenizer, tiny_config)
     module.tokenizer = tiny_tokenizer
     module.configure_model()
+
+    def uses_sampler_logprobs(module):
+        return uses(module.models, module.generation_cfg, module.kl_cfg)
+
     assert module.generation_cfg.sampler_logprobs is None
     assert uses_sampler_logprobs(module)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,7 +182,8 @@ def test_trimmed_micro_batch_gives_the_same_statistics(
     """A micro-batch of short prompts runs without their shared left padding: same log-probs,
     entropy and values as the full-width rows (positions come from the attention mask), within
     twice the full-width float32 error against a float64 forward."""
-    from rlhf_lightning.ppo.rollout import Rollout, critic_values, response_forward
+    from rlhf_lightning.ppo.logprobs import critic_values, response_forward
+    from rlhf_lightning.ppo.rollout import Rollout
 
     module = _module(tiny_tokenizer, tiny_config)
     module.tokenizer = tiny_tokenizer
@@ -170,8 +194,10 @@ def test_trimmed_micro_batch_gives_the_same_statistics(
     query_mask[0, :7] = query_mask[1, :4] = 0  # rows 0 and 1 share 4 padding columns
     query = query.masked_fill(query_mask == 0, tiny_tokenizer.pad_token_id)
     response = torch.randint(5, 40, (3, 5))
-    rollout = Rollout(query, query_mask, response, torch.ones_like(response))
-    full = Rollout(query[:2], query_mask[:2], response[:2], torch.ones_like(response[:2]))
+    rollout = Rollout(query, query_mask, response, torch.ones_like(response), ["p"] * 3)
+    full = Rollout(
+        query[:2], query_mask[:2], response[:2], torch.ones_like(response[:2]), ["p"] * 2
+    )
     short = rollout.select(torch.tensor([0, 1]))
     assert short.query_ids.shape == (2, 6) and full.query_ids.shape == (2, 10)
     with torch.no_grad():

@@ -1,0 +1,158 @@
+"""Step 1 of a PPO iteration: sample responses to the prompts with the policy.
+
+`rollout(models, prompts, cfg, sampler_logprobs=...)` trims the prompts' shared left padding,
+samples with Hugging Face `generate` (KV cache, eval mode, micro-batches) and returns a frozen
+`Rollout`. With `sampler_logprobs`, π_old and its entropy are reduced from the logits `generate`
+computes anyway (`SampledLogprobs`), so step 3 needs no policy forward.
+
+References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (EOS handling,
+temperature-consistent log-probs); TRL's `PPOTrainer` (log-probs from the sampler's logits).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
+
+from rlhf_lightning.kernels import token_stats
+from rlhf_lightning.models.masks import response_mask
+from rlhf_lightning.ppo.config import GenerationConfig
+from rlhf_lightning.ppo.rollout import PromptBatch, Rollout, SampledLogprobs, trim_left_padding
+
+__all__ = ["hf_generation_config", "Samples", "generate", "rollout"]
+
+
+def hf_generation_config(cfg: GenerationConfig, tokenizer) -> HFGenerationConfig:
+    """A transformers GenerationConfig for sampling rollouts from our `GenerationConfig`."""
+    return HFGenerationConfig(
+        do_sample=True,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens or None,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+@dataclass
+class Samples:
+    """What `generate` returns. B = prompts, R = the longest response in the batch."""
+
+    response_ids: torch.Tensor  # Long[B, R] right-padded after the first EOS
+    response_mask: torch.Tensor  # Long[B, R] 1 up to and including EOS
+    logprobs: torch.Tensor | None = None  # Float[B, R] log π(a_t) from the sampler's logits
+    entropy: torch.Tensor | None = None  # Float[B, R] entropy of π at each sampled step
+
+
+@torch.no_grad()
+def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logprobs: bool):
+    """Step 1: sample one response per prompt with `models.policy` (a `PPOModels`).
+
+    Args:
+        prompts: Long[B, P] left-padded ids and mask, and the prompt texts.
+        cfg: sampling settings (`temperature`, `micro_batch_size`; the HF config is in `vocab`).
+        sampler_logprobs: also return π_old and entropy from the sampler's logits.
+    Returns:
+        `Rollout` with query [B, P'] (shared left padding trimmed) and response [B, R] tensors.
+    """
+    query_ids, query_mask = trim_left_padding(prompts.input_ids, prompts.attention_mask)
+    vocab = models.vocab
+    samples = generate(
+        models.policy,
+        query_ids,
+        query_mask,
+        generation_config=vocab.hf_generation,
+        eos_token_id=list(vocab.eos_ids),
+        pad_token_id=vocab.pad_id,
+        micro_batch_size=cfg.micro_batch_size,
+        with_logprobs=sampler_logprobs,
+        temperature=cfg.temperature,
+    )
+    sampled = None
+    if samples.logprobs is not None:
+        sampled = SampledLogprobs(samples.logprobs, samples.entropy)
+    return Rollout(
+        query_ids, query_mask, samples.response_ids, samples.response_mask, prompts.texts, sampled
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    generation_config,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    micro_batch_size: int | None = None,
+    with_logprobs: bool = False,
+    temperature: float = 1.0,
+) -> Samples:
+    """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
+
+    With `with_logprobs`, the raw logits `generate` computes for every step (before temperature
+    and top-k/top-p) are reduced right away to log π(a_t) and entropy of softmax(z / T) with the
+    kernels, so the policy needs no second forward pass for π_old. `generate` holds one
+    micro-batch's Float[b, R, V] logits until it returns (bound it with `micro_batch_size`); they
+    are freed step by step while being reduced.
+
+    Args:
+        query_ids: Long[B, P]; query_mask: Long[B, P].
+        generation_config: a `transformers.GenerationConfig`.
+    """
+    chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    size = micro_batch_size or len(query_ids)
+    width = query_ids.shape[1]
+    config = copy.deepcopy(generation_config)
+    config.output_logits, config.return_dict_in_generate = with_logprobs, True
+    for start in range(0, len(query_ids), size):
+        out = model.generate(
+            input_ids=query_ids[start : start + size],
+            attention_mask=query_mask[start : start + size],
+            generation_config=config,
+        )
+        ids = out.sequences[:, width:]  # [b, r]
+        step_logits = list(out.logits) if with_logprobs else []  # r × Float[b, V]
+        del out  # the list is now the only owner of the per-step logits
+        logp = entropy = None
+        if with_logprobs:
+            logp, entropy = _sampled_stats(step_logits, ids, eos_token_id, temperature)
+        chunks.append((ids, logp, entropy))
+    longest = max(c[0].shape[1] for c in chunks)
+
+    def cat(index: int, value) -> torch.Tensor:
+        parts = [c[index] for c in chunks]
+        return torch.cat(
+            [nn.functional.pad(x, (0, longest - x.shape[1]), value=value) for x in parts]
+        )
+
+    response_ids = cat(0, pad_token_id)  # [B, R]
+    mask = response_mask(response_ids, eos_token_id)  # [B, R]
+    samples = Samples(response_ids.masked_fill(mask == 0, pad_token_id), mask)
+    if with_logprobs:
+        samples.logprobs, samples.entropy = cat(1, 0.0), cat(2, 0.0)  # [B, R] each
+    return samples
+
+
+def _sampled_stats(
+    step_logits: list[torch.Tensor], ids: torch.Tensor, eos_token_id, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(a_t) and entropy Float[b, r] from generate's per-step raw logits (a list of r
+    Float[b, V], emptied as it goes so each step's logits are freed once reduced)."""
+    mask = response_mask(ids, eos_token_id).bool()  # [b, r]
+    logp = torch.zeros(ids.shape, device=ids.device)  # [b, r]
+    entropy = torch.zeros_like(logp)  # [b, r]
+    for t in range(ids.shape[1]):
+        logits = step_logits.pop(0)  # [b, V]
+        lp, ent, _ = token_stats(logits, ids[:, t], temperature=temperature, mask=mask[:, t])
+        logp[:, t], entropy[:, t] = lp, ent
+    return logp, entropy

@@ -1,0 +1,187 @@
+"""Step 3 of a PPO iteration: old-policy and reference log-probs, entropy, per-token KL, values.
+
+`logprobs_values(models, rollout, gen, kl)` runs, in rollout micro-batches, one reference forward,
+one policy forward (skipped when the sampler gave π_old, `uses_sampler_logprobs`) and the critic
+(or reads the shared value head from the policy's hidden states), and returns a frozen
+`TokenStats` of Float[B, R] tensors, 0 on padding. The update (step 5) reuses `response_forward`,
+`reference_logprobs` and `critic_values`; all [query | response] forwards go through
+`_response_logits`.
+
+References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (temperature-
+consistent log-probs, position ids); Schulman 2020, "Approximating KL Divergence" (k1/k2/k3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhf_lightning.kernels import kl_penalty, token_logprobs, token_stats
+from rlhf_lightning.models.masks import position_ids
+from rlhf_lightning.ppo.config import GenerationConfig, KLConfig
+from rlhf_lightning.ppo.models import PPOModels
+from rlhf_lightning.ppo.rollout import Rollout, micro_batches
+
+__all__ = [
+    "TokenStats",
+    "logprobs_values",
+    "response_forward",
+    "reference_logprobs",
+    "critic_values",
+    "uses_sampler_logprobs",
+    "exact_float32",
+]
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Step 3's output. B = prompts, R = response width; float32, 0 on padding."""
+
+    logprobs: torch.Tensor
+    """Float[B, R] log π_old(a_t) at the sampling temperature."""
+    ref_logprobs: torch.Tensor
+    """Float[B, R] log π_ref(a_t)."""
+    entropy: torch.Tensor
+    """Float[B, R] entropy of π_old at each step."""
+    kl: torch.Tensor
+    """Float[B, R] per-token KL estimate (`kl.estimator`), or the exact KL with `full`."""
+    values: torch.Tensor
+    """Float[B, R] critic values V(s_t)."""
+
+
+def uses_sampler_logprobs(models: PPOModels, gen: GenerationConfig, kl: KLConfig) -> bool:
+    """Whether π_old comes from the sampler's logits (no policy forward in step 3).
+
+    `generation.sampler_logprobs` true/false decides; null (default) = only when the policy
+    computes in exact float32 (`exact_float32`), where the KV-cached sampler and the training
+    forward agree to ~1e-6 — in bfloat16 their ratio is off by ~1e-3 on average (8e-3 at worst on
+    a 4-layer model), a bias PPO would train on. Never with the exact-KL estimator (it needs the
+    policy's logits beside the reference's) or a shared value head (it needs its hidden states).
+    """
+    if kl.estimator == "full" or models.value_head is not None:
+        return False
+    choice = gen.sampler_logprobs
+    return exact_float32(models.policy) if choice is None else bool(choice)
+
+
+def exact_float32(model: nn.Module) -> bool:
+    """True when `model` computes in float32: every parameter float32, no autocast on its device,
+    and full-precision float32 matmuls (`torch.set_float32_matmul_precision("highest")`; TF32 or
+    bf16 internal matmuls make the sampler and the trainer disagree like 16-bit does)."""
+    params = list(model.parameters())
+    return (
+        all(p.dtype == torch.float32 for p in params)
+        and not torch.is_autocast_enabled(params[0].device.type)
+        and torch.get_float32_matmul_precision() == "highest"
+    )
+
+
+def _response_logits(model: nn.Module, rollout: Rollout, with_hidden: bool):
+    """Forward `[query | response]`: (logits Float[B, R, V] predicting each response token,
+    model output). Positions from the mask; only the last R + 1 positions are kept."""
+    steps = rollout.response_ids.shape[1]
+    attention = rollout.attention_mask  # [B, P + R]
+    extra = {"output_hidden_states": True} if with_hidden else {}
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=attention,
+        position_ids=position_ids(attention),
+        logits_to_keep=steps + 1,
+        use_cache=False,
+        **extra,
+    )
+    return out.logits[:, :-1], out  # [B, R, V]
+
+
+def response_forward(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    ref_logits: torch.Tensor | None = None,
+    with_hidden: bool = False,
+    return_logits: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Forward `[query | response]` and return statistics of the response tokens.
+
+    Returns a dict with `logprobs` Float[B, R], `entropy` Float[B, R], `kl` Float[B, R] (exact
+    KL to `ref_logits` Float[B, R, V], only when given), optionally `hidden` Float[B, R, H] (last
+    hidden state at the positions that predict each token) and `logits` Float[B, R, V].
+    All statistics come from `rlhf_lightning.kernels.token_stats` (one pass over the vocabulary).
+    """
+    logits, out = _response_logits(model, rollout, with_hidden)  # [B, R, V]
+    mask = rollout.response_mask.bool()  # [B, R]
+    logp, entropy, kl = token_stats(
+        logits, rollout.response_ids, ref_logits, temperature=temperature, mask=mask
+    )  # each [B, R]
+    result = {"logprobs": logp, "entropy": entropy, "kl": kl}
+    if with_hidden:
+        steps = rollout.response_ids.shape[1]
+        result["hidden"] = out.hidden_states[-1][:, -steps - 1 : -1]  # [B, R, H]
+    if return_logits:
+        result["logits"] = logits
+    return result
+
+
+def reference_logprobs(
+    model: nn.Module, rollout: Rollout, *, temperature: float, keep_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π_ref of the response tokens (Float[B, R]) and, when asked, the logits Float[B, R, V]."""
+    logits, _ = _response_logits(model, rollout, with_hidden=False)  # [B, R, V]
+    logp = token_logprobs(
+        logits, rollout.response_ids, temperature=temperature, mask=rollout.response_mask.bool()
+    )  # [B, R]
+    return logp, (logits if keep_logits else None)
+
+
+def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """Values V(s_t) of a separate critic (`ppo.models.CriticModel`) for the response steps."""
+    values = critic(rollout.input_ids, rollout.attention_mask)  # [B, P + R]
+    steps = rollout.response_ids.shape[1]
+    return values[:, -steps - 1 : -1] * rollout.response_mask  # [B, R]
+
+
+def _micro_batch_stats(models: PPOModels, sub: Rollout, gen: GenerationConfig, kl_cfg: KLConfig):
+    """The five [b, R] statistics of one micro-batch, in `TokenStats` field order."""
+    full = kl_cfg.estimator == "full"
+    shared = models.value_head is not None
+    with models.reference_model() as ref_model:
+        ref_logp, ref_logits = reference_logprobs(
+            ref_model, sub, temperature=gen.temperature, keep_logits=full
+        )
+    if sub.sampled is not None:
+        out = {"logprobs": sub.sampled.logprobs, "entropy": sub.sampled.entropy}
+    else:
+        out = response_forward(
+            models.policy,
+            sub,
+            temperature=gen.temperature,
+            ref_logits=ref_logits,
+            with_hidden=shared,
+        )
+    mask = sub.response_mask
+    if full:
+        kl = out["kl"]
+    else:
+        kl = kl_penalty(out["logprobs"], ref_logp, kl_cfg.estimator) * mask  # [b, R]
+    if shared:
+        values = models.value_head(out["hidden"]) * mask  # [b, R]
+    else:
+        values = critic_values(models.critic, sub)  # [b, R]
+    return out["logprobs"], ref_logp, out["entropy"], kl, values
+
+
+@torch.no_grad()
+def logprobs_values(
+    models: PPOModels, rollout: Rollout, gen: GenerationConfig, kl: KLConfig
+) -> TokenStats:
+    """Step 3: `TokenStats` of the rollout in `gen.micro_batch_size` micro-batches (π_old from the
+    sampler when the rollout carries it, else a policy forward)."""
+    parts: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    for part in micro_batches(len(rollout), gen.micro_batch_size):
+        sub = rollout.select(torch.arange(len(rollout))[part])
+        for chunks, value in zip(parts, _micro_batch_stats(models, sub, gen, kl)):
+            chunks.append(value.float())
+    return TokenStats(*(torch.cat(chunks) for chunks in parts))  # each [B, R]

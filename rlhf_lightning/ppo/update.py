@@ -1,0 +1,249 @@
+"""Step 5 of a PPO iteration: `ppo_epochs` × shuffled minibatches × micro-batches.
+
+`ppo_update(models, exp, upd, kl, gen, kl_coef=..., ops=..., next_ptx=...)` trains on an
+`Experience` and returns a typed `UpdateStats`. What only the training framework can do comes
+through `ops` (an `UpdateOps`: backward, optimizer/scheduler steps, gradient sync control, the
+cross-rank reductions); `modules.lightning_ops.LightningOps` implements it with the Lightning-
+wrapped optimizers (so `on_before_optimizer_step` clips after AMP unscaling and `global_step`
+counts), `LocalOps` with plain torch.
+
+Per minibatch: optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; every PPO
+micro-batch's losses are divided by the minibatch's valid-token count (so the accumulated gradient
+is the minibatch token-mean whatever the micro-batch size) and backpropagated; then the
+optimizers and schedulers step. Before the very first optimizer step the policy must reproduce
+the rollout's log-probs (ratio π/π_old = 1).
+
+Under DDP the divisor is the minibatch's valid-token count averaged over ranks (DDP averages the
+gradients, so the result is the token-mean of the global minibatch), and the minibatch
+statistics, the ratio check and the approx-KL early stop are reduced over ranks
+(`ppo.distributed`), so every rank takes the same decisions. PPO-ptx runs first in each
+minibatch under `ops.no_sync()` (it does not reach the critic); every rank draws the same
+demonstration batch, so its term equals the single-process one.
+
+References: Schulman et al. 2017 (PPO); Ouyang et al. 2022 (PPO-ptx); Huang et al. 2024,
+"The N+ Implementation Details of RLHF with PPO" (ratio-at-start check, approx-KL early stop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from rlhf_lightning.kernels import kl_penalty, token_logprobs
+from rlhf_lightning.ppo.config import GenerationConfig, KLConfig, UpdateConfig
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.experience import Experience
+from rlhf_lightning.ppo.logprobs import critic_values, reference_logprobs, response_forward
+from rlhf_lightning.ppo.losses import (
+    PPOStats,
+    entropy_bonus,
+    kl_loss,
+    policy_loss,
+    ptx_loss,
+    value_loss,
+)
+from rlhf_lightning.ppo.models import PPOModels
+from rlhf_lightning.ppo.rollout import micro_batches
+from rlhf_lightning.ppo.stats import UpdateStats
+
+__all__ = ["UpdateOps", "LocalOps", "UpdateStats", "ppo_update", "RatioMismatchError"]
+
+
+class RatioMismatchError(RuntimeError):
+    """The update pass does not reproduce the rollout's log-probs."""
+
+
+class UpdateOps(Protocol):
+    """What the update needs from the training framework."""
+
+    ranks: CrossRank
+    """Cross-rank reductions (`LOCAL` in one process)."""
+
+    def zero_grad(self) -> None:
+        """Zero every optimizer's gradients (set to None)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` (with AMP scaling / DDP gradient sync where they apply)."""
+
+    def step(self) -> None:
+        """Step every optimizer, zero its gradients, step its scheduler."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """A context whose backwards do not synchronise gradients across ranks."""
+
+
+class LocalOps:
+    """`UpdateOps` on plain torch optimizers and schedulers in one process (tests, scripts)."""
+
+    def __init__(self, optimizers: list, schedulers: list | None = None, ranks: CrossRank = LOCAL):
+        self.optimizers = list(optimizers)
+        self.schedulers = list(schedulers) if schedulers else [None] * len(self.optimizers)
+        self.ranks = ranks
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def _micro_losses(
+    models: PPOModels,
+    micro: Experience,
+    n_tokens: float,
+    stats: PPOStats,
+    cfg: tuple[UpdateConfig, KLConfig, GenerationConfig, float],
+    ops: UpdateOps,
+) -> float:
+    """Forward/backward of one micro-batch; returns Σ|ratio − 1| over its valid tokens."""
+    upd, kl_cfg, gen, kl_coef = cfg
+    mask = micro.response_mask
+    ref_logits = None
+    kl_in_loss = kl_cfg.mode == "loss"
+    if kl_in_loss and kl_cfg.estimator == "full":
+        with torch.no_grad(), models.reference_model() as ref_model:
+            _, ref_logits = reference_logprobs(
+                ref_model, micro, temperature=gen.temperature, keep_logits=True
+            )
+    shared = models.value_head is not None
+    out = response_forward(
+        models.policy, micro, temperature=gen.temperature, ref_logits=ref_logits, with_hidden=shared
+    )
+    logp = out["logprobs"]  # [b, R]
+    pg_loss, pg_stats = policy_loss(
+        logp, micro.old_logprobs, micro.advantages, mask, n_tokens, upd.clip_eps, upd.dual_clip
+    )
+    values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
+    v_loss, v_stats = value_loss(
+        values, micro.old_values, micro.returns, mask, n_tokens, upd.value_clip
+    )
+    entropy = entropy_bonus(out["entropy"], mask, n_tokens)
+    loss = pg_loss + upd.vf_coef * v_loss - upd.ent_coef * entropy
+    terms = {"loss/policy": pg_loss, "loss/value": v_loss, "policy/entropy": entropy}
+    if kl_in_loss:
+        kl = (
+            out["kl"]
+            if kl_cfg.estimator == "full"
+            else kl_penalty(logp, micro.ref_logprobs, kl_cfg.estimator)
+        )
+        k_loss = kl_loss(kl, mask, n_tokens)
+        loss = loss + kl_coef * k_loss
+        terms["loss/kl"] = k_loss
+    ops.backward(loss)
+    terms["loss/total"] = loss
+    stats.add({k: v.detach() for k, v in terms.items()})
+    stats.add(pg_stats, "policy/")
+    stats.add(v_stats, "val/")
+    with torch.no_grad():
+        ratio = torch.exp((logp - micro.old_logprobs) * mask)  # [b, R]
+        return float(((ratio - 1).abs() * mask).sum())
+
+
+def _ptx_backward(
+    models: PPOModels, batch: dict, upd: UpdateConfig, stats: PPOStats, ops: UpdateOps
+) -> None:
+    """PPO-ptx: γ_ptx · SFT NLL on one demonstration batch, in micro-batches."""
+    labels = batch["labels"][:, 1:]  # [B, T-1] next-token targets
+    valid = labels != -100  # [B, T-1]
+    n_ptx = int(valid.sum())
+    if n_ptx == 0:
+        return
+    for part in micro_batches(len(labels), upd.micro_batch_size):
+        ids, attn = batch["input_ids"][part], batch["attention_mask"][part]
+        logits = models.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logp = token_logprobs(logits[:, :-1], labels[part], mask=valid[part])  # [b, T-1]
+        loss = ptx_loss(logp, valid[part], n_ptx)
+        ops.backward(upd.ptx_coef * loss)
+        stats.add({"loss/ptx": loss.detach()})
+
+
+def _minibatch(models, mb, stats, cfg, ops, next_ptx) -> tuple[float, float]:
+    """PPO-ptx then the PPO micro-batches of one minibatch: (Σ|ratio − 1|, global token count)."""
+    upd = cfg[0]
+    n_tokens = _global_count(ops.ranks, mb.response_mask.sum())
+    if (
+        upd.ptx_coef > 0 and next_ptx is not None
+    ):  # first: the PPO backwards below also average its gradients
+        with ops.no_sync():
+            _ptx_backward(models, next_ptx(), upd, stats, ops)
+    deviation = 0.0
+    for part in micro_batches(len(mb), upd.micro_batch_size):
+        micro = mb.select(torch.arange(len(mb), device=mb.response_ids.device)[part])
+        deviation += _micro_losses(models, micro, n_tokens, stats, cfg, ops)
+    return deviation, n_tokens
+
+
+def ppo_update(
+    models: PPOModels,
+    exp: Experience,
+    upd: UpdateConfig,
+    kl: KLConfig,
+    gen: GenerationConfig,
+    *,
+    kl_coef: float,
+    ops: UpdateOps,
+    next_ptx: Callable[[], dict] | None = None,
+) -> UpdateStats:
+    """Step 5: the PPO epochs on `exp`; `next_ptx()` gives a demonstration batch (PPO-ptx on)."""
+    size = len(exp)
+    if not 1 <= upd.num_minibatches <= size:
+        raise ValueError(
+            f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
+            f"rollout batch size {size}"
+        )
+    stats, cfg = PPOStats(), (upd, kl, gen, kl_coef)
+    epochs_done, early_stop, first = 0, False, True
+    ops.zero_grad()
+    for epoch in range(upd.ppo_epochs):
+        order = torch.randperm(size, device=exp.query_ids.device)
+        for chunk in torch.tensor_split(order, upd.num_minibatches):
+            deviation, n_tokens = _minibatch(models, exp.select(chunk), stats, cfg, ops, next_ptx)
+            if first:
+                mean_dev = _global_count(ops.ranks, torch.tensor(deviation)) / n_tokens
+                _check_ratio(stats, mean_dev, upd.ratio_check_tol)
+                first = False
+            ops.step()
+            closed = stats.end_minibatch(ops.ranks)  # global: the early stop agrees on every rank
+            if upd.target_kl is not None and closed["policy/approxkl"] > upd.target_kl:
+                early_stop = True
+                break
+        epochs_done = epoch + 1
+        if early_stop:
+            break
+    return UpdateStats.from_means(
+        stats.means(), stats.first.get("policy/ratio_mean", 1.0), epochs_done, early_stop
+    )
+
+
+def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:
+    """A per-rank count (or sum) averaged over ranks: DDP averages gradients, so dividing each
+    rank's token sum by this gives Σ over all ranks / total valid tokens (exact token-mean)."""
+    return float(ranks.mean_over_ranks(local.double()))
+
+
+def _check_ratio(stats: PPOStats, mean_abs_dev: float, tol: float | None) -> None:
+    """Fail loudly when π/π_old ≠ 1 before the first optimizer step (`mean_abs_dev` and the
+    ratio statistics are over every rank, so all ranks raise together)."""
+    if tol is None or mean_abs_dev <= tol:
+        return
+    ratio = stats.current.get("policy/ratio_mean", float("nan"))
+    raise RatioMismatchError(
+        f"ppo/policy/ratio_at_start: mean |π/π_old − 1| = {mean_abs_dev:.3g} > "
+        f"model.update.ratio_check_tol={tol} (ratio mean {ratio:.4f}) before any update — the "
+        "training forward does not reproduce the rollout log-probs; check dropout, temperature, "
+        "dtype/autocast and padding/position ids"
+    )
