@@ -55,7 +55,7 @@ class RewardConfig:
     """Whether `function` takes lists; null = try lists first and fall back to one call per sample."""
     gold: str | None = None
     """Optional gold labeler `module:function` (same calling convention), logged as
-    `objective/gold` and watched by the over-optimisation monitor; never used for training."""
+    `ppo/objective/gold` and watched by the over-optimisation monitor; never used for training."""
     gold_kwargs: dict | None = None
     """Extra keyword arguments bound to `gold` (a class is instantiated with them)."""
     normalize: str = "stats"
