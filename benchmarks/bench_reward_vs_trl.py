@@ -171,9 +171,8 @@ def run_trl(ns, python: str, model_dir: Path, train: Path, val: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
-    import lightning.pytorch as pl
-
+def reward_module_kwargs(ns, model_dir: Path) -> dict:
+    """RewardModule arguments: the benchmark defaults, overridden by `--ours-arg KEY=JSON`."""
     from rlhf_lightning.models.loading import ModelSpec
     from rlhf_lightning.modules.common import OptimConfig
     from rlhf_lightning.modules.reward import RewardModule
@@ -190,11 +189,12 @@ def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
         if key not in accepted:
             raise SystemExit(f"--ours-arg: RewardModule has no argument {key!r}")
         kwargs[key] = json.loads(value)
-    torch.manual_seed(ns.seed)
-    module = RewardModule(**kwargs)
-    steps: list[float] = []
-    cpu: list[float] = []
-    pairs: list[int] = []
+    return kwargs
+
+
+def step_clock_callback(steps: list[float], cpu: list[float], pairs: list[int]):
+    """A Lightning callback appending each training step's wall s, CPU s and pair count."""
+    import lightning.pytorch as pl
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -205,6 +205,16 @@ def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
             cpu.append(time.process_time() - self.cpu0)
             pairs.append(int(batch["num_groups"]))
 
+    return Clock()
+
+
+def fit_timed(ns, module, dm, work: Path) -> tuple[float, list[float], list[float], list[int]]:
+    """Train `module` for `--steps` steps: (train wall s, per-step wall s, CPU s, pairs)."""
+    import lightning.pytorch as pl
+
+    steps: list[float] = []
+    cpu: list[float] = []
+    pairs: list[int] = []
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=ns.steps,
@@ -213,12 +223,24 @@ def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Clock()],
+        callbacks=[step_clock_callback(steps, cpu, pairs)],
         default_root_dir=str(work),
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    train_s = time.perf_counter() - t0
+    return time.perf_counter() - t0, steps, cpu, pairs
+
+
+def run_ours(ns, dm, model_dir: Path, work: Path) -> dict:
+    """Train our RewardModule on `dm`, then validate it; throughput and held-out accuracy."""
+    import lightning.pytorch as pl
+
+    from rlhf_lightning.modules.reward import RewardModule
+
+    kwargs = reward_module_kwargs(ns, model_dir)
+    torch.manual_seed(ns.seed)
+    module = RewardModule(**kwargs)
+    train_s, steps, cpu, pairs = fit_timed(ns, module, dm, work)
     val_trainer = pl.Trainer(
         accelerator="cpu",
         logger=False,

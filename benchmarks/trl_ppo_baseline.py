@@ -229,19 +229,10 @@ class _PhaseTimer:
         return out
 
 
-def run_trl(work: Workload) -> dict:
-    """Train TRL's PPOTrainer for `work.iterations` iterations; per-iteration timings."""
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        DataCollatorWithPadding,
-        TrainerCallback,
-    )
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as trl_ppo
+def build_trl_models(work: Workload) -> dict:
+    """Random-init policy, reference (a copy of the policy), value and reward models."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tok = build_tokenizer()
     torch.manual_seed(work.seed)
     models = {}
     for name in ("policy", "ref", "value", "reward"):
@@ -252,11 +243,14 @@ def run_trl(work: Workload) -> dict:
                 llama_config(work, num_labels=1)
             )
     models["ref"].load_state_dict(models["policy"].state_dict())
-    prompts = build_prompts(work, work.batch_size * work.iterations)
-    data = Dataset.from_dict({"input_ids": prompts})
-    collator = DataCollatorWithPadding(tok, padding="max_length", max_length=work.prompt_width)
-    out_dir = tempfile.mkdtemp(prefix="trl_ppo_")
-    args = PPOConfig(
+    return models
+
+
+def ppo_config(work: Workload, out_dir: str):
+    """TRL's `PPOConfig` for the workload: float32 on CPU, no logging, saving or sampling."""
+    from trl.experimental.ppo import PPOConfig
+
+    return PPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=work.batch_size,
         gradient_accumulation_steps=1,
@@ -282,19 +276,11 @@ def run_trl(work: Workload) -> dict:
         seed=work.seed,
         dataloader_num_workers=0,
     )
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=tok,
-        model=models["policy"],
-        ref_model=models["ref"],
-        reward_model=models["reward"],
-        value_model=models["value"],
-        train_dataset=data,
-        eval_dataset=data,
-        data_collator=collator,
-    )
-    phases = _PhaseTimer(trl_ppo, trainer.reward_model)
-    per_iter: list[dict] = []
+
+
+def step_clock_callback(phases: _PhaseTimer, per_iter: list[dict]):
+    """A trainer callback appending each PPO iteration's wall/CPU time and phase split."""
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *_args, **_kwargs):
@@ -311,7 +297,36 @@ def run_trl(work: Workload) -> dict:
             print(f"[trl] iteration {len(per_iter)}: {per_iter[-1]}", flush=True)
             self.last, self.last_cpu = now, cpu
 
-    trainer.add_callback(StepClock())
+    return StepClock()
+
+
+def run_trl(work: Workload) -> dict:
+    """Train TRL's PPOTrainer for `work.iterations` iterations; per-iteration timings."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding
+    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    tok = build_tokenizer()
+    models = build_trl_models(work)
+    prompts = build_prompts(work, work.batch_size * work.iterations)
+    data = Dataset.from_dict({"input_ids": prompts})
+    collator = DataCollatorWithPadding(tok, padding="max_length", max_length=work.prompt_width)
+    out_dir = tempfile.mkdtemp(prefix="trl_ppo_")
+    trainer = PPOTrainer(
+        args=ppo_config(work, out_dir),
+        processing_class=tok,
+        model=models["policy"],
+        ref_model=models["ref"],
+        reward_model=models["reward"],
+        value_model=models["value"],
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=collator,
+    )
+    phases = _PhaseTimer(trl_ppo, trainer.reward_model)
+    per_iter: list[dict] = []
+    trainer.add_callback(step_clock_callback(phases, per_iter))
     trainer.train()
     return {"per_iteration": per_iter, **summarise(per_iter, work)}
 

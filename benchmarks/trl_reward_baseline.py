@@ -115,16 +115,11 @@ def held_out_accuracy(model, dataset, pad_id: int, batch_size: int) -> dict:
     }
 
 
-def run(ns) -> dict:
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import RewardConfig, RewardTrainer
+def reward_config(ns, out_dir: str):
+    """TRL's `RewardConfig` of the flags: float32 on CPU, cosine schedule, no eval or saving."""
+    from trl import RewardConfig
 
-    model, tokenizer, pad_added = load_model(ns)
-    train_rows = read_jsonl(Path(ns.train), ns.limit)
-    val_rows = read_jsonl(Path(ns.val), ns.val_limit) if ns.val else []
-    out_dir = tempfile.mkdtemp(prefix="trl_reward_")
-    args = RewardConfig(
+    return RewardConfig(
         output_dir=out_dir,
         per_device_train_batch_size=ns.batch_size,
         per_device_eval_batch_size=ns.batch_size,
@@ -146,13 +141,11 @@ def run(ns) -> dict:
         seed=ns.seed,
         dataloader_num_workers=0,
     )
-    train = Dataset.from_list(train_rows)
-    val = Dataset.from_list(val_rows) if val_rows else None
-    trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer
-    )
-    steps: list[float] = []
-    cpu: list[float] = []
+
+
+def step_clock_callback(steps: list[float], cpu: list[float]):
+    """A trainer callback appending each optimizer step's wall and CPU seconds."""
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, *_a, **_k):
@@ -162,20 +155,52 @@ def run(ns) -> dict:
             steps.append(time.perf_counter() - self.t0)
             cpu.append(time.process_time() - self.cpu0)
 
-    trainer.add_callback(StepClock())
+    return StepClock()
+
+
+def throughput(ns, steps: list[float], cpu: list[float]) -> dict:
+    """Pairs per wall and per CPU second over the steps after `--warmup-steps`."""
+    timed = steps[ns.warmup_steps :] or steps
+    timed_cpu = cpu[ns.warmup_steps :] or cpu
+    return {
+        "pairs_per_s": ns.batch_size * len(timed) / sum(timed),
+        "pairs_per_cpu_s": ns.batch_size * len(timed_cpu) / sum(timed_cpu),
+        "timed_steps": len(timed),
+    }
+
+
+def run(ns) -> dict:
+    """Train TRL's RewardTrainer per the flags; throughput, dropped pairs, held-out accuracy."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    model, tokenizer, pad_added = load_model(ns)
+    train_rows = read_jsonl(Path(ns.train), ns.limit)
+    val_rows = read_jsonl(Path(ns.val), ns.val_limit) if ns.val else []
+    out_dir = tempfile.mkdtemp(prefix="trl_reward_")
+    train = Dataset.from_list(train_rows)
+    val = Dataset.from_list(val_rows) if val_rows else None
+    trainer = RewardTrainer(
+        model=model,
+        args=reward_config(ns, out_dir),
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tokenizer,
+    )
+    steps: list[float] = []
+    cpu: list[float] = []
+    trainer.add_callback(step_clock_callback(steps, cpu))
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    timed = steps[ns.warmup_steps :] or steps
-    pairs_per_s = ns.batch_size * len(timed) / sum(timed)
-    timed_cpu = cpu[ns.warmup_steps :] or cpu
+    rates = throughput(ns, steps, cpu)
     result = {
         "impl": "trl",
-        "pairs_per_s": pairs_per_s,
-        "pairs_per_cpu_s": ns.batch_size * len(timed_cpu) / sum(timed_cpu),
+        "pairs_per_s": rates["pairs_per_s"],
+        "pairs_per_cpu_s": rates["pairs_per_cpu_s"],
         "train_s": train_s,
         "steps": len(steps),
-        "timed_steps": len(timed),
+        "timed_steps": rates["timed_steps"],
         "step_s": steps,
         "train_pairs": len(trainer.train_dataset),
         "dropped_train_pairs": len(train_rows) - len(trainer.train_dataset),
