@@ -10,7 +10,7 @@ Per chunk the forward is a handful of fused ATen ops: log p = log_softmax(z / T)
 the raw max is subtracted before scaling, so |z| ≈ 1e4 keeps full precision), p = exp(log p),
 H = -Σ p log p, KL = Σ p (log p - log q), log π(y) = log p[y].
 Backward (per-row scalars g_lp, g_H, g_KL; 1/T folded into the coefficients) recomputes log p
-(renormalised so that each row of p sums to 1 in float32):
+(renormalised so that each row of p sums to 1 in the work dtype):
     dz = (1/T) [g_lp·onehot - p ⊙ (g_lp + g_H (log p + H) - g_KL (log p - log q - KL))],
     dz_q = (g_KL/T) (q - p).
 ``-inf`` entries make ``p·log p`` NaN (0·-inf); such rows are detected from the NaN and

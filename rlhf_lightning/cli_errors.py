@@ -62,10 +62,17 @@ def _setup_errors() -> tuple[type[BaseException], ...]:
 
 
 def reportable(err: BaseException, state: RunState) -> bool:
-    """True when `err` is reported as `rlhf: error: ...` (exit 2) rather than re-raised."""
-    if isinstance(err, _always_input_errors()):
-        return True
-    return not state.stepping and isinstance(err, _setup_errors())
+    """True when `err` is reported as `rlhf: error: ...` (exit 2) rather than re-raised.
+
+    Once the first batch has started only bad records (data read lazily, e.g. PPO-ptx
+    demonstrations) stay one line: a missing file or model spec raised then comes from user code
+    (a reward function, a callback) and keeps its traceback.
+    """
+    from rlhf_lightning.data.records import RecordError
+
+    if state.stepping:
+        return isinstance(err, RecordError)
+    return isinstance(err, _always_input_errors() + _setup_errors())
 
 
 # ------------------------------------------------------------------ naming the config key

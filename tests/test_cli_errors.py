@@ -224,6 +224,39 @@ def test_errors_after_the_first_batch_keep_their_traceback(tmp_path, tiny_tokeni
         cli.main(["fit", "--config", config])
 
 
+def test_only_bad_records_stay_one_line_after_the_first_batch():
+    """A FileNotFoundError or ModelSpecError raised mid-training comes from user code (a reward
+    function, a callback): a bug to debug with its traceback, not a config error."""
+    from rlhf_lightning.data.records import RecordError
+    from rlhf_lightning.models.loading import ModelSpecError
+
+    missing = FileNotFoundError(2, "No such file or directory", "lexicon.txt")
+    before, after = cli_errors.RunState(), cli_errors.RunState(stepping=True)
+    for err in (missing, ModelSpecError("bad spec"), ValueError("bad value")):
+        assert cli_errors.reportable(err, before) and not cli_errors.reportable(err, after)
+    record = RecordError("demos.jsonl:3: field 'response' is missing")
+    assert cli_errors.reportable(record, before) and cli_errors.reportable(record, after)
+
+
+def test_fp16_with_a_separate_critic_is_refused():
+    """Lightning's 16-mixed scaler unscales/updates once per optimizer (CPU turns 16-mixed into
+    bf16-mixed, so the rule is checked directly)."""
+    from rlhf_lightning.modules.ppo import refuse_fp16_two_optimizers
+
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed with a separate critic"):
+        refuse_fp16_two_optimizers("16-mixed", "policy_copy")
+    for precision in ("bf16-mixed", "32-true", "32"):
+        refuse_fp16_two_optimizers(precision, "policy_copy")
+
+
+def test_ptx_without_demonstrations_fails_before_the_first_rollout(
+    tmp_path, tiny_tokenizer, capsys
+):
+    config = ppo_config(tmp_path, tiny_tokenizer)
+    line = error_line(["fit", "--config", config, "--model.init_args.update.ptx_coef=0.5"], capsys)
+    assert line.startswith("rlhf: error: ") and "demonstration" in line
+
+
 def test_config_keys_from_mentions_quoted_values_and_names():
     config = {
         "model": {

@@ -74,6 +74,19 @@ def _timed(fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
+def refuse_fp16_two_optimizers(precision: str, critic_kind: str) -> None:
+    """Raise for `16-mixed` with a separate critic: Lightning's fp16 plugin unscales and updates its
+    loss scaler once per optimizer, so after one shared backward the critic would be unscaled with
+    the policy's updated scale (2× or 0.5× its gradient). bf16-mixed has no scaler; a value head
+    shares the policy's optimizer."""
+    if precision.startswith("16"):
+        raise ValueError(
+            f"trainer.precision={precision} with a separate critic (model.critic.kind={critic_kind}) "
+            "is not supported: one loss scaler cannot serve two optimizers stepped after one "
+            "backward; use bf16-mixed, 32, or critic.kind: value_head"
+        )
+
+
 class PPOModule(StageModule):
     """PPO with a KL penalty to a frozen reference, a critic, and a reward model or function."""
 
@@ -187,6 +200,9 @@ class PPOModule(StageModule):
         opt, sched = build_optimizer(params, self.optim, total, fused)
         if self.critic is None:
             return [opt], [sched]
+        refuse_fp16_two_optimizers(
+            str(getattr(self._trainer, "precision", "")), self.critic_cfg.kind
+        )
         critic_optim = replace(self.optim, lr=self.critic_cfg.lr or self.optim.lr)
         c_opt, c_sched = build_optimizer(self.critic.parameters(), critic_optim, total, fused)
         return [opt, c_opt], [sched, c_sched]
@@ -291,6 +307,8 @@ class PPOModule(StageModule):
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         if self._rng is None and self.trainer.world_size > 1:
             torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
+        if self.update_cfg.ptx_coef > 0 and getattr(self.trainer, "datamodule", None) is not None:
+            self.trainer.datamodule.records("demonstration", "train")  # fail now, not at step 1
 
     def on_fit_end(self) -> None:
         """Export the trained policy (merged LoRA) and tokenizer with `save_pretrained`."""

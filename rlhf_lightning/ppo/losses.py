@@ -157,7 +157,7 @@ class PPOStats:
     `means()` returns the average over closed minibatches (each minibatch weighs the same, since the
     per-micro-batch values are already minibatch token-means).
 
-    Under DDP each rank divides its token sums by the per-rank average count (see `ppo.step`), so
+    Under DDP each rank divides its token sums by the per-rank average count (see `ppo.update`), so
     the mean over ranks that `end_minibatch(ranks)` takes is the token-mean of the global
     minibatch — the same value on every rank (the approx-KL early stop agrees everywhere).
     """
