@@ -12,10 +12,11 @@ Models are given in subclass mode, so `--model SFTModule` (short name) or a full
 class path both work; the data always goes through `RLHFDataModule`.
 
 Errors end with one line on stderr, `rlhf: error: <what> (<config key>)`, and exit code 2 when
-they are bad input: command-line / config parse errors (jsonargparse), bad records (`file:line`),
-model specs and missing files at any time, and any error raised while the Trainer, model and
-data are built and set up (`configure_model`, dataloaders, checkpoint restore) before the first
-batch starts. Errors after that are program errors and keep their traceback. The config key is
+they are bad input: command-line / config parse errors (jsonargparse), bad records (`file:line`)
+at any time (demonstrations for PPO-ptx are read lazily), and any error raised while the Trainer,
+model and data are built and set up (`configure_model`, dataloaders, checkpoint restore) before the
+first batch starts — missing files and bad model specs included. Other errors after that are
+program errors and keep their traceback. The config key is
 found from the part that failed (model / data / trainer, from the traceback) and the values or
 key names the message quotes. `--debug` anywhere on the command line, or `RLHF_DEBUG=1`, turns
 this off: the exception propagates with its full traceback (and parse errors print jsonargparse's

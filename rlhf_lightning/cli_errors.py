@@ -2,9 +2,9 @@
 an error is about.
 
 `main` in `cli.py` reports an error as `rlhf: error: <what> (<config key>)` with exit code 2 when
-it is bad input: parse errors (jsonargparse), bad records (`file:line`), model specs and missing
-files at any time, and any error raised while the Trainer, model and data are built and set up,
-before the first batch (`RunState.stepping`). The config key comes from the part that failed
+it is bad input: parse errors (jsonargparse), bad records (`file:line`) at any time, and any
+error raised while the Trainer, model and data are built and set up (missing files and model specs
+included), before the first batch (`RunState.stepping`). The config key comes from the part that failed
 (model / data / trainer, read from the traceback) and the values or key names the message quotes —
 a heuristic: an unusual message gets only the section name, e.g. `(model)`. `--debug` or
 `RLHF_DEBUG=1` turns reporting off (full traceback).
