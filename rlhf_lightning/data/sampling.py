@@ -108,16 +108,42 @@ class ResumableDataLoader(DataLoader):
         self.consumed = consumed
 
     def state_dict(self) -> dict[str, Any]:
-        """Data position: batches of the current epoch already consumed, and the sampler seed."""
-        return {"batches_consumed_in_epoch": int(self.consumed()), "seed": self.sampler.seed}
+        """Data position: batches of the current epoch already consumed, the per-rank batch size
+        and the number of ranks (together: samples of the epoch order consumed), the seed."""
+        return {
+            "batches_consumed_in_epoch": int(self.consumed()),
+            "seed": self.sampler.seed,
+            "batch_size": self.batch_size,
+            "num_replicas": self.sampler.num_replicas,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Start the next iteration after the batches the checkpointed run had consumed."""
+        """Start the next iteration after the samples the checkpointed run had consumed."""
         if state_dict.get("seed", self.sampler.seed) != self.sampler.seed:
             warnings.warn(
                 "resuming with a different data seed: the sample order will differ", stacklevel=2
             )
-        self.sampler.skip_next(state_dict.get("batches_consumed_in_epoch", 0) * self.batch_size)
+        self.sampler.skip_next(resume_skip(state_dict, self.batch_size, self.sampler.num_replicas))
+
+
+def resume_skip(state: dict[str, Any], batch_size: int, num_replicas: int) -> int:
+    """Samples of this rank's shard to skip on resume, for any (batch size, world size) now.
+
+    Rank r's shard is order[r::R], so the first k·R samples of the epoch order are the first k
+    of every shard: a run that consumed `batches · batch_size · replicas` samples (its values in
+    `state`; older checkpoints lack the last two and mean the current ones) resumes `consumed //
+    num_replicas` into each shard — exact when that divides, else rounded down with a warning.
+    """
+    saved_batch = int(state.get("batch_size", batch_size))
+    saved_replicas = int(state.get("num_replicas", num_replicas))
+    consumed = int(state.get("batches_consumed_in_epoch", 0)) * saved_batch * saved_replicas
+    if consumed % num_replicas:
+        warnings.warn(
+            f"resuming {consumed} samples into the epoch on {num_replicas} ranks: not divisible, "
+            f"{consumed % num_replicas} sample(s) will be seen again",
+            stacklevel=2,
+        )
+    return consumed // num_replicas
 
 
 class EpochBatches:

@@ -57,6 +57,12 @@ def rank_rng_state(ppo_state: dict, rank: int, world_size: int) -> dict:
 
     rank_zero_warn(
         f"checkpoint ppo_state: RNG states of {len(per_rank)} rank(s), resuming on {world_size}; "
-        "every rank continues from rank 0's state, so sampling differs from the saved run"
+        "rank 0 continues from its saved state and every other rank from a torch state derived "
+        "from it and the rank (distinct sampling noise per rank), so sampling differs from the "
+        "saved run"
     )
-    return per_rank[0]
+    state = dict(per_rank[0])
+    if rank:
+        seed = (int(state["torch"].long().sum()) * 1_000_003 + rank) % 2**63
+        state["torch"] = torch.Generator().manual_seed(seed).get_state()
+    return state

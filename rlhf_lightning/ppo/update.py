@@ -214,7 +214,7 @@ def ppo_update(
             deviation, n_tokens = _minibatch(models, exp.select(chunk), stats, cfg, ops, next_ptx)
             if first:
                 mean_dev = _global_count(ops.ranks, torch.tensor(deviation)) / n_tokens
-                _check_ratio(stats, mean_dev, upd.ratio_check_tol)
+                _check_ratio(mean_dev, upd.ratio_check_tol)
                 first = False
             ops.step()
             closed = stats.end_minibatch(ops.ranks)  # global: the early stop agrees on every rank
@@ -235,15 +235,14 @@ def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:
     return float(ranks.mean_over_ranks(local.double()))
 
 
-def _check_ratio(stats: PPOStats, mean_abs_dev: float, tol: float | None) -> None:
-    """Fail loudly when π/π_old ≠ 1 before the first optimizer step (`mean_abs_dev` and the
-    ratio statistics are over every rank, so all ranks raise together)."""
+def _check_ratio(mean_abs_dev: float, tol: float | None) -> None:
+    """Fail loudly when π/π_old ≠ 1 before the first optimizer step (`mean_abs_dev` is over every
+    rank, so all ranks raise together, with the same message)."""
     if tol is None or mean_abs_dev <= tol:
         return
-    ratio = stats.current.get("policy/ratio_mean", float("nan"))
     raise RatioMismatchError(
         f"ppo/policy/ratio_at_start: mean |π/π_old − 1| = {mean_abs_dev:.3g} > "
-        f"model.update.ratio_check_tol={tol} (ratio mean {ratio:.4f}) before any update — the "
+        f"model.update.ratio_check_tol={tol} before any update — the "
         "training forward does not reproduce the rollout log-probs; check dropout, temperature, "
         "dtype/autocast and padding/position ids"
     )

@@ -268,7 +268,13 @@ def test_rng_state_of_each_rank_from_a_checkpoint():
     assert rank_rng_state(ppo_state, 1, 2) is states[1]
     assert rank_rng_state({"rng": states[0]}, 0, 1) is states[0]  # older checkpoints
     with pytest.warns(UserWarning, match="RNG states of 2 rank"):
-        assert rank_rng_state(ppo_state, 0, 4) is states[0]
+        resumed = [rank_rng_state(ppo_state, rank, 4) for rank in range(4)]
+    assert torch.equal(resumed[0]["torch"], states[0]["torch"])  # rank 0 continues exactly
+    torch_states = [r["torch"] for r in resumed]
+    assert all(not torch.equal(a, b) for i, a in enumerate(torch_states) for b in torch_states[:i])
+    with pytest.warns(UserWarning):
+        again = rank_rng_state(ppo_state, 3, 4)
+    assert torch.equal(again["torch"], resumed[3]["torch"])  # derived deterministically
 
 
 def test_gather_of_tensors_survives_all_gather_object():

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from torch.utils.data import DistributedSampler
 
-from rlhf_lightning.data.sampling import EpochShuffleSampler
+from rlhf_lightning.data.sampling import EpochShuffleSampler, resume_skip
 
 
 def _shards(n: int, world: int, epoch: int = 0) -> list[list[int]]:
@@ -55,3 +55,27 @@ def test_lightning_keeps_it_and_bad_rank_is_reported():
     assert isinstance(EpochShuffleSampler(4, seed=0), DistributedSampler)
     with pytest.raises(ValueError, match=r"rank 2 is not in \[0, num_replicas=2\)"):
         EpochShuffleSampler(4, seed=0, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize(
+    "before, after", [((2, 4), (1, 4)), ((1, 4), (2, 4)), ((2, 4), (2, 2)), ((2, 4), (2, 4))]
+)
+def test_resume_on_another_world_size_continues_the_epoch_order(before, after):
+    """Samples seen before a checkpoint (world W, per-rank batch b) + after a resume on (W', b')
+    = the epoch order exactly once, whatever W' and b'."""
+    (world, batch), (world2, batch2) = before, after
+    n, steps = 48, 3
+    seen = [i for s in _shards(n, world, epoch=2) for i in s[: steps * batch]]
+    state = {"batches_consumed_in_epoch": steps, "batch_size": batch, "num_replicas": world}
+    skip = resume_skip(state, batch2, world2)
+    rest = [i for s in _shards(n, world2, epoch=2) for i in s[skip:]]
+    assert sorted(seen + rest) == list(range(n))
+
+
+def test_resume_skip_reads_old_checkpoints_and_warns_when_not_divisible():
+    assert resume_skip({"batches_consumed_in_epoch": 3}, batch_size=4, num_replicas=2) == 12
+    with pytest.warns(UserWarning, match="not divisible"):
+        skip = resume_skip(
+            {"batches_consumed_in_epoch": 3, "batch_size": 1, "num_replicas": 1}, 1, 2
+        )
+    assert skip == 1
