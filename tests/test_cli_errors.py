@@ -148,7 +148,7 @@ def test_mistyped_data_option_names_its_key(task, tmp_path, capsys):
     "field, value, expected",
     [
         ("estimator", "k4", "'k4' is not one of k1, k2, k3, full (model.init_args.kl.estimator)"),
-        ("critic", "value", "'value' is not one of auto, reward_model, policy_copy, value_head (model.init_args.critic.kind)"),
+        ("critic", "value", "'value' is not one of auto, reward_model, policy_copy, value_head, none (model.init_args.critic.kind)"),
     ],
 )  # fmt: skip
 def test_mistyped_ppo_enum_option(tmp_path, tiny_tokenizer, capsys, field, value, expected):

@@ -7,8 +7,8 @@ five functions whose arguments say what they use (docs/architecture.md):
     2. score       `ppo.scoring.score`            → `Scores` (RM export or callable; normalise,
                                                     EOS penalty, clip)
     3. log-probs   `ppo.logprobs.logprobs_values` → `TokenStats` (π_old, π_ref, entropy, KL, values)
-    4. advantages  `ppo.advantages.estimate_advantages` → `Advantages` (KL-penalised rewards, GAE,
-                                                    whitening)
+    4. advantages  `ppo.advantages.estimate_advantages` → `Advantages` (KL-penalised rewards, GAE
+                                                    or a critic-free estimator, whitening)
     5. update      `ppo.update.ppo_update`        `Experience` → `UpdateStats` (clipped surrogate,
                                                     value loss, entropy, KL loss, PPO-ptx)
 
@@ -54,6 +54,8 @@ from rlhf_lightning.ppo.config import (
     RewardConfig,
     UpdateConfig,
     check_choice,
+    check_groups,
+    resolve_critic_kind,
 )
 from rlhf_lightning.ppo.distributed import CrossRank, module_ranks
 from rlhf_lightning.ppo.experience import Experience
@@ -88,7 +90,8 @@ def refuse_fp16_two_optimizers(precision: str, critic_kind: str) -> None:
 
 
 class PPOModule(StageModule):
-    """PPO with a KL penalty to a frozen reference, a critic, and a reward model or function."""
+    """PPO with a KL penalty to a frozen reference, a critic (or a critic-free estimator: GRPO,
+    RLOO, REINFORCE++), and a reward model or function."""
 
     data_kind = "prompt"
 
@@ -112,8 +115,10 @@ class PPOModule(StageModule):
             reward: reward source (RM export dir or `module:function`), gold labeler, shaping.
             generation: rollout sampling (max_new_tokens, temperature, top-k/p, micro-batch).
             kl: KL coefficient, estimator (k1/k2/k3/full), in-reward or loss, adaptive target.
-            update: PPO epochs, minibatches, micro-batches, clipping, coefficients, GAE, ptx.
-            critic: value model choice (from the RM, a policy copy, or a shared value head).
+            update: PPO epochs, minibatches, micro-batches, clipping, coefficients, advantage
+                estimator (gae | grpo | rloo | reinforce_pp), loss aggregation, ptx.
+            critic: value model choice (from the RM, a policy copy, a shared value head, or none
+                for the critic-free estimators).
             monitor: sample tables, histograms, reward-hacking and collapse warnings.
             optim: AdamW + warmup/cosine for the policy (the critic uses it with `critic.lr`).
             reference_spec: explicit reference model; null = frozen copy of the initial policy
@@ -159,10 +164,10 @@ class PPOModule(StageModule):
         check_choice("reward", "normalize", r.normalize, ("stats", "running", "none"))
         check_choice("kl", "estimator", k.estimator, KL_ESTIMATORS)
         check_choice("kl", "mode", k.mode, ("reward", "loss"))
-        kinds = ("auto", "reward_model", "policy_copy", "value_head")
-        check_choice("critic", "kind", self.critic_cfg.kind, kinds)
-        if self.critic_cfg.kind == "reward_model" and r.model is None:
-            raise ValueError("model.critic.kind: 'reward_model' needs model.reward.model")
+        self.critic_kind = resolve_critic_kind(
+            self.critic_cfg.kind, self.update_cfg.advantage, r.model is not None
+        )
+        check_groups(self.generation_cfg, self.update_cfg)
         if self.generation_cfg.temperature <= 0:
             raise ValueError("model.generation.temperature: must be > 0 (PPO samples)")
 
@@ -176,7 +181,7 @@ class PPOModule(StageModule):
             self.reference_spec,
             self.reward_cfg,
             self.generation_cfg,
-            self.critic_cfg,
+            replace(self.critic_cfg, kind=self.critic_kind),
         )
         self.models = models = build_models(specs, self.tokenizer)
         self.policy, self.reference = models.policy, models.reference
@@ -200,9 +205,7 @@ class PPOModule(StageModule):
         opt, sched = build_optimizer(params, self.optim, total, fused)
         if self.critic is None:
             return [opt], [sched]
-        refuse_fp16_two_optimizers(
-            str(getattr(self._trainer, "precision", "")), self.critic_cfg.kind
-        )
+        refuse_fp16_two_optimizers(str(getattr(self._trainer, "precision", "")), self.critic_kind)
         critic_optim = replace(self.optim, lr=self.critic_cfg.lr or self.optim.lr)
         c_opt, c_sched = build_optimizer(self.critic.parameters(), critic_optim, total, fused)
         return [opt, c_opt], [sched, c_sched]

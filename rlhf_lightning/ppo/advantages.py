@@ -1,8 +1,8 @@
 """Step 4 of a PPO iteration: per-token rewards, GAE(γ, λ), whitening (pure functions).
 
 `estimate_advantages(scores, stats, rollout, cfg, kl_coef, ranks)` returns a frozen `Advantages`;
-the estimator is looked up in `ESTIMATORS` (only `"gae"`, which needs critic values, for now —
-the slot where critic-free estimators such as GRPO / RLOO / REINFORCE++ go).
+the estimator `update.advantage` is looked up in `ESTIMATORS`: `gae` (critic values) or one of the
+critic-free `ppo.estimators.CRITIC_FREE` (GRPO, RLOO, REINFORCE++).
 
 Everything here works on response tensors `[B, R]` (response token `t` of row `b`, right-padded),
 with a mask `[B, R]` that is 1 on valid response tokens (up to and including EOS) and 0 on
@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf_lightning.models.masks import last_token_index
-from rlhf_lightning.ppo.config import UpdateConfig
+from rlhf_lightning.ppo.config import UpdateConfig, resolve_whitening
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.estimators import CRITIC_FREE, EstimatorInputs
+from rlhf_lightning.ppo.masked import masked_mean, masked_moments, masked_var, whiten
 
 if TYPE_CHECKING:
     from rlhf_lightning.ppo.logprobs import TokenStats
@@ -49,62 +51,6 @@ __all__ = [
     "gae",
     "explained_variance",
 ]
-
-
-def masked_mean(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, ranks: CrossRank = LOCAL
-) -> torch.Tensor:
-    """Mean of `x` over positions where `mask` is true (all dims when `dim` is None).
-
-    With `dim=None` the mean is over the valid positions of every rank (`ranks`, see
-    `ppo.distributed`): sums and counts are all-reduced before dividing.
-    """
-    m = mask.to(x.dtype)
-    if dim is None:
-        total, count = ranks.sum(torch.stack([(x * m).sum(), m.sum()]))
-        return total / count.clamp(min=1)
-    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
-
-
-def masked_moments(
-    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, ranks: CrossRank = LOCAL
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, variance) of `x` over the valid positions of every rank (Bessel-corrected when
-    `unbiased`): the global mean first, then the global sum of squared deviations from it."""
-    m = mask.to(x.dtype)
-    mean = masked_mean(x, mask, ranks=ranks)
-    squares, n = ranks.sum(torch.stack([(((x - mean) ** 2) * m).sum(), m.sum()]))
-    var = squares / n.clamp(min=1)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return mean, var
-
-
-def masked_var(
-    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, ranks: CrossRank = LOCAL
-) -> torch.Tensor:
-    """Variance of `x` over the valid positions (of every rank; Bessel-corrected when `unbiased`)."""
-    return masked_moments(x, mask, unbiased, ranks)[1]
-
-
-def whiten(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    ranks: CrossRank = LOCAL,
-) -> torch.Tensor:
-    """Normalise `x` to unit variance (and zero mean when `shift_mean`) over valid tokens.
-
-    Statistics come from the valid positions only, of every data-parallel rank (`ranks`), so a
-    batch split over ranks is whitened as the whole batch would be; padded positions return 0.
-    """
-    m = mask.to(x.dtype)
-    mean, var = masked_moments(x, mask, ranks=ranks)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
 
 
 def kl_penalised_rewards(
@@ -184,20 +130,21 @@ class Advantages:
     advantages: torch.Tensor
     """Float[B, R] advantages (whitened over every rank's valid tokens when configured)."""
     returns: torch.Tensor
-    """Float[B, R] value targets (GAE advantages before whitening + values)."""
+    """Float[B, R] value targets (GAE advantages before whitening + values); the discounted
+    returns for critic-free estimators (logged only)."""
     kl_coef: float
     """The β used in `rewards` (0 with `kl.mode: loss`)."""
 
 
-def _gae_estimator(
-    rewards: torch.Tensor, stats: TokenStats, mask: torch.Tensor, cfg: UpdateConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _gae_estimator(inputs: EstimatorInputs, cfg: UpdateConfig, ranks: CrossRank):
     """GAE(γ, λ) on the critic's values: (advantages, returns), Float[B, R] each."""
-    return gae(rewards, stats.values, mask, cfg.gamma, cfg.lam)
+    if inputs.values is None:
+        raise ValueError("update.advantage: gae needs critic values (critic.kind is none)")
+    return gae(inputs.rewards, inputs.values, inputs.mask, cfg.gamma, cfg.lam)
 
 
-ESTIMATORS: dict[str, Callable] = {"gae": _gae_estimator}
-"""Advantage estimators by name: `(rewards, token_stats, mask, cfg) -> (advantages, returns)`."""
+ESTIMATORS: dict[str, Callable] = {"gae": _gae_estimator, **CRITIC_FREE}
+"""Advantage estimators by name: `(EstimatorInputs, cfg, ranks) -> (advantages, returns)`."""
 
 
 def estimate_advantages(
@@ -207,13 +154,13 @@ def estimate_advantages(
     cfg: UpdateConfig,
     kl_coef: float,
     ranks: CrossRank,
-    estimator: str = "gae",
 ) -> Advantages:
-    """Step 4: KL-penalised per-token rewards (β = `kl_coef`) → `ESTIMATORS[estimator]` →
-    whitening over the valid tokens of every data-parallel rank (`ranks`)."""
+    """Step 4: KL-penalised per-token rewards (β = `kl_coef`) → `ESTIMATORS[cfg.advantage]` →
+    whitening over the valid tokens of every data-parallel rank (`resolve_whitening`)."""
     mask = rollout.response_mask  # [B, R]
     rewards = kl_penalised_rewards(scores.shaped, stats.kl, mask, kl_coef)  # [B, R]
-    adv, ret = ESTIMATORS[estimator](rewards, stats, mask, cfg)
-    if cfg.whiten_advantages:
+    inputs = EstimatorInputs(rewards, stats.values, mask, rollout.group_ids())
+    adv, ret = ESTIMATORS[cfg.advantage](inputs, cfg, ranks)
+    if resolve_whitening(cfg):
         adv = whiten(adv, mask, ranks=ranks)
     return Advantages(rewards, adv, ret, float(kl_coef))

@@ -48,7 +48,7 @@ class ModelSpecs:
     generation: GenerationConfig
     """Sampling settings (for the HF generation config)."""
     critic: CriticConfig
-    """Value model choice."""
+    """Value model choice; `kind` resolved (`ppo.config.resolve_critic_kind`, never `auto`)."""
 
 
 def build_vocab(tokenizer, generation: GenerationConfig) -> Vocab:
@@ -108,8 +108,11 @@ def build_gold(cfg: RewardConfig) -> BatchScorer | None:
 def build_values(
     cfg: CriticConfig, reward_cfg: RewardConfig, reward, policy: nn.Module
 ) -> tuple[ppo_models.CriticModel | None, ValueHead | None]:
-    """(critic, value head): exactly one is built (`critic.kind`, `auto` = from the RM if any)."""
+    """(critic, value head): at most one is built (`critic.kind`, resolved); `none` builds neither
+    (critic-free estimators: no value weights in memory or checkpoints)."""
     kind = cfg.kind
+    if kind == "none":
+        return None, None
     if kind == "auto":
         kind = "reward_model" if reward_cfg.model is not None else "policy_copy"
     if kind == "reward_model":

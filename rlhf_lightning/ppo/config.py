@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+"""`update.advantage` choices; every one but `gae` is critic-free (`ppo.estimators`)."""
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
+"""`update.loss_aggregation` choices (`ppo.losses.token_weights`)."""
+CRITIC_KINDS = ("auto", "reward_model", "policy_copy", "value_head", "none")
 
 
 @dataclass
@@ -26,8 +31,13 @@ class GenerationConfig:
     """Nucleus filter (1.0 = off); same caveat as `top_k`."""
     min_new_tokens: int = 0
     """Suppress EOS before this many tokens (0 = off)."""
+    samples_per_prompt: int = 1
+    """k responses sampled per prompt (a group). The k samples of a prompt stay together: on one
+    data-parallel rank and in one minibatch of the update. Rows per iteration = `data.batch_size`
+    prompts × k; GRPO and RLOO compare the samples of a group (they need k ≥ 2)."""
     micro_batch_size: int | None = None
-    """Rollout micro-batch (generation and log-prob/value passes); null = the whole prompt batch."""
+    """Rollout micro-batch in rows (prompts × samples; generation and log-prob/value passes);
+    null = the whole batch."""
     sampler_logprobs: bool | None = None
     """Take π_old log-probs and entropy from the logits `generate` computes anyway (as TRL does),
     saving one policy forward per iteration; the first-minibatch ratio check then compares the
@@ -110,11 +120,25 @@ class UpdateConfig:
     ent_coef: float = 0.0
     """Weight of the entropy bonus (loss −= ent_coef · entropy)."""
     gamma: float = 1.0
-    """Discount γ of GAE."""
+    """Discount γ of GAE and of the critic-free returns."""
     lam: float = 0.95
     """λ of GAE."""
-    whiten_advantages: bool = True
-    """Normalise advantages to zero mean / unit variance over valid tokens."""
+    advantage: str = "gae"
+    """Advantage estimator: `gae` (PPO, needs a critic), or critic-free with `critic.kind: none`:
+    `grpo` ((r − group mean) / group std, Shao et al. 2024), `rloo` (r minus the mean of the other
+    samples of its prompt, Ahmadian et al. 2024), `reinforce_pp` (REINFORCE++: returns of the
+    KL-penalised token rewards, normalised over the batch, Hu 2025). See `ppo.estimators`."""
+    scale_by_std: bool = True
+    """`grpo` only: divide by the group's std; false = Dr. GRPO (Liu et al. 2025)."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages to zero mean / unit variance over the valid tokens of the batch;
+    null = each estimator's own convention: on for `gae`, off for the critic-free estimators
+    (they normalise per group or over the batch themselves)."""
+    loss_aggregation: str = "token_mean"
+    """How per-token losses are averaged in a minibatch: `token_mean` (Σ over valid tokens /
+    their number), `seq_mean_token_mean` (mean over each response's tokens, then over responses;
+    the original GRPO), `token_sum_norm` (Σ over tokens / (responses × `generation.
+    max_new_tokens`); Dr. GRPO). All three are invariant to `micro_batch_size`."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clip per optimizer step (null = off)."""
     target_kl: float | None = None
@@ -136,8 +160,10 @@ class CriticConfig:
     kind: str = "auto"
     """`reward_model`: separate value model initialised from the RM export (trunk + head, head
     rescaled by the reward stats); `policy_copy`: separate copy of the policy trunk with a fresh
-    head; `value_head`: a value head on the policy trunk (shared, one optimizer); `auto`:
-    reward_model when `reward.model` is set, else policy_copy."""
+    head; `value_head`: a value head on the policy trunk (shared, one optimizer); `none`: no
+    critic (critic-free estimators: no value model, value loss or critic optimizer); `auto`: none
+    for a critic-free `update.advantage`, else reward_model when `reward.model` is set, else
+    policy_copy."""
     lr: float | None = None
     """Critic learning rate (null = the policy's `optim.lr`)."""
 
@@ -162,6 +188,52 @@ class MonitorConfig:
     """Warn when distinct-n falls below this fraction of its first value."""
     max_repeat: float = 0.5
     """Warn when the repeated-n-gram fraction exceeds this."""
+
+
+def resolve_critic_kind(kind: str, advantage: str, has_reward_model: bool) -> str:
+    """The concrete `critic.kind` (`auto` resolved), or ValueError (one line) for a critic that the
+    estimator cannot use: `gae` needs values, the critic-free estimators train no critic."""
+    check_choice("update", "advantage", advantage, ADVANTAGE_ESTIMATORS)
+    check_choice("critic", "kind", kind, CRITIC_KINDS)
+    critic_free = advantage != "gae"
+    if kind == "auto":
+        if critic_free:
+            return "none"
+        return "reward_model" if has_reward_model else "policy_copy"
+    if kind == "none" and not critic_free:
+        raise ValueError(
+            "model.critic.kind: 'none' leaves GAE without values; use update.advantage: "
+            "grpo | rloo | reinforce_pp, or a critic (reward_model | policy_copy | value_head)"
+        )
+    if kind != "none" and critic_free:
+        raise ValueError(
+            f"model.critic.kind: {kind!r} with the critic-free update.advantage: {advantage!r} "
+            "would build a critic that nothing trains; set critic.kind: none (or auto)"
+        )
+    if kind == "reward_model" and not has_reward_model:
+        raise ValueError("model.critic.kind: 'reward_model' needs model.reward.model")
+    return kind
+
+
+def resolve_whitening(upd: UpdateConfig) -> bool:
+    """`update.whiten_advantages`, null resolved: on for `gae`, off for critic-free estimators."""
+    if upd.whiten_advantages is None:
+        return upd.advantage == "gae"
+    return bool(upd.whiten_advantages)
+
+
+def check_groups(gen: GenerationConfig, upd: UpdateConfig) -> None:
+    """One-line errors for group settings the estimator cannot use."""
+    k = gen.samples_per_prompt
+    if k < 1:
+        raise ValueError(f"model.generation.samples_per_prompt: {k} must be >= 1")
+    if upd.advantage in ("grpo", "rloo") and k < 2:
+        raise ValueError(
+            f"model.generation.samples_per_prompt: {k} with update.advantage: {upd.advantage} — "
+            "it compares the samples of a prompt, so it needs >= 2 (with 1 every advantage "
+            + ("is 0)" if upd.advantage == "grpo" else "has no leave-one-out baseline)")
+        )
+    check_choice("update", "loss_aggregation", upd.loss_aggregation, LOSS_AGGREGATIONS)
 
 
 def check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,6 +1,11 @@
 """Critic-free advantage estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) as pure functions.
 
-Nothing here is wired into `ppo/advantages.py: ESTIMATORS` yet; these are the building blocks.
+`CRITIC_FREE` maps the `update.advantage` names `grpo`, `rloo` and `reinforce_pp` to estimators
+with the signature of `ppo.advantages.ESTIMATORS` (`(EstimatorInputs, cfg, ranks) -> (advantages,
+returns)`). GRPO and RLOO read the sequence reward Σ_t r_t of the KL-penalised token rewards (the
+shaped score minus β · sequence KL with `kl.mode: reward`; the shaped score alone with β = 0 or
+`kl.mode: loss`); their returns, like REINFORCE++'s, are the discounted returns G_t (logged only:
+there is no critic to fit them).
 
 Layout. B = samples on this rank, R = response width (right padded). Each prompt is sampled k
 times; `group: Long[B]` holds, for every sample, the id of the prompt it came from (any integers;
@@ -18,7 +23,7 @@ Formulas, for sample i of group g (rewards r, group mean μ_g, k samples per gro
 - RLOO:        A_i = r_i − (1 / (k − 1)) Σ_{j∈g, j≠i} r_j  =  k / (k − 1) · (r_i − μ_g).
 - REINFORCE++: G_t = Σ_{s≥t} γ^{s−t} r_s over the valid tokens of a row (r = per-token
   KL-penalised rewards, no critic), then A_t = (G_t − μ) / sqrt(σ² + eps) with μ, σ² over the
-  valid tokens of every rank (`ppo.advantages.masked_moments`, Bessel-corrected).
+  valid tokens of every rank (`ppo.masked.masked_moments`, Bessel-corrected).
 A group whose rewards are all equal gives exactly 0 for GRPO, Dr. GRPO and RLOO (never NaN);
 with k = 1 GRPO / Dr. GRPO give 0 (σ is not computed), RLOO raises (it needs k ≥ 2).
 
@@ -40,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_lightning.ppo.advantages import masked_moments
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.masked import masked_moments
 
 __all__ = [
     "GroupLayout",
@@ -51,6 +56,9 @@ __all__ = [
     "discounted_returns",
     "reinforce_pp_advantages",
     "broadcast_to_tokens",
+    "group_reward_stats",
+    "EstimatorInputs",
+    "CRITIC_FREE",
 ]
 
 _WHERE = "rlhf_lightning/ppo/estimators.py"
@@ -204,3 +212,61 @@ def broadcast_to_tokens(seq_advantages: torch.Tensor, mask: torch.Tensor) -> tor
     """Float[B] sequence advantages → Float[B, R]: the same value on every valid token, 0 on
     padding (`mask: [B, R]`)."""
     return seq_advantages.detach()[:, None] * mask.to(seq_advantages.dtype)  # [B, R]
+
+
+def group_reward_stats(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Float64[3]: (Σ over groups of the unbiased reward std, groups whose rewards are all equal,
+    groups) of `rewards: Float[B]` grouped by `group: Long[B]` — sums, so that the caller can add
+    them over ranks before dividing (std is 0 for k = 1)."""
+    layout = group_layout(group)
+    rewards = rewards.detach().double()
+    if layout.num_groups == 0:
+        return rewards.new_zeros(3)
+    mean = _group_sums(rewards, layout) / layout.size  # [G]
+    squares = _group_sums((rewards - mean[layout.index]) ** 2, layout)  # [G]
+    std = (squares / max(layout.size - 1, 1)).sqrt()  # [G]
+    first = torch.zeros(layout.num_groups, dtype=torch.long, device=rewards.device)
+    first = first.scatter_(0, layout.index, torch.arange(len(rewards), device=rewards.device))
+    tied = _tied(rewards, layout)[first]  # [G]
+    return torch.stack([std.sum(), tied.double().sum(), rewards.new_tensor(layout.num_groups)])
+
+
+@dataclass(frozen=True)
+class EstimatorInputs:
+    """What an advantage estimator reads. B = rows (prompts × samples), R = response width."""
+
+    rewards: torch.Tensor
+    """Float[B, R] KL-penalised token rewards (`ppo.advantages.kl_penalised_rewards`)."""
+    values: torch.Tensor | None
+    """Float[B, R] critic values; None without a critic."""
+    mask: torch.Tensor
+    """[B, R] valid response tokens."""
+    group: torch.Tensor
+    """Long[B] prompt index of every row (its group)."""
+
+
+def _grpo(inputs: EstimatorInputs, cfg, ranks: CrossRank):
+    """GRPO / Dr. GRPO (`update.scale_by_std`) on the sequence rewards Σ_t r_t."""
+    seq = grpo_advantages(
+        inputs.rewards.sum(-1), inputs.group, scale_by_std=cfg.scale_by_std
+    )  # [B]
+    returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)  # [B, R]
+    return broadcast_to_tokens(seq, inputs.mask), returns
+
+
+def _rloo(inputs: EstimatorInputs, cfg, ranks: CrossRank):
+    """RLOO on the sequence rewards Σ_t r_t."""
+    seq = rloo_advantages(inputs.rewards.sum(-1), inputs.group)  # [B]
+    returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)  # [B, R]
+    return broadcast_to_tokens(seq, inputs.mask), returns
+
+
+def _reinforce_pp(inputs: EstimatorInputs, cfg, ranks: CrossRank):
+    """REINFORCE++ on the token rewards (returns normalised over every rank's valid tokens)."""
+    returns = discounted_returns(inputs.rewards, inputs.mask, cfg.gamma)  # [B, R]
+    adv = reinforce_pp_advantages(inputs.rewards, inputs.mask, gamma=cfg.gamma, ranks=ranks)
+    return adv, returns
+
+
+CRITIC_FREE = {"grpo": _grpo, "rloo": _rloo, "reinforce_pp": _reinforce_pp}
+"""The critic-free `update.advantage` estimators by name."""

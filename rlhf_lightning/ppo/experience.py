@@ -35,12 +35,14 @@ class Experience(Sequences):
     """Float[B, R] log π_old(a_t) (the ratio's denominator)."""
     ref_logprobs: torch.Tensor
     """Float[B, R] log π_ref(a_t) (for `kl.mode: loss`)."""
-    old_values: torch.Tensor
-    """Float[B, R] critic values at rollout time (for value clipping)."""
+    old_values: torch.Tensor | None
+    """Float[B, R] critic values at rollout time (for value clipping); None without a critic."""
     advantages: torch.Tensor
     """Float[B, R] (whitened) advantages."""
     returns: torch.Tensor
     """Float[B, R] value targets."""
+    group: torch.Tensor | None = None
+    """Long[B] prompt (group) of every row (`Rollout.group`); None = one sample per prompt."""
 
     @classmethod
     def join(cls, rollout: Rollout, stats: TokenStats, adv: Advantages) -> Experience:
@@ -55,4 +57,5 @@ class Experience(Sequences):
             stats.values,
             adv.advantages,
             adv.returns,
+            rollout.group,
         )

@@ -54,15 +54,17 @@ class Samples:
 
 @torch.no_grad()
 def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logprobs: bool):
-    """Step 1: sample one response per prompt with `models.policy` (a `PPOModels`).
+    """Step 1: sample k = `cfg.samples_per_prompt` responses per prompt with `models.policy` (a
+    `PPOModels`); the k rows of a prompt are adjacent and share a `Rollout.group` value.
 
     Args:
         prompts: Long[B, P] left-padded ids and mask, and the prompt texts.
         cfg: sampling settings (`temperature`, `micro_batch_size`; the HF config is in `vocab`).
         sampler_logprobs: also return π_old and entropy from the sampler's logits.
     Returns:
-        `Rollout` with query [B, P'] (shared left padding trimmed) and response [B, R] tensors.
+        `Rollout` with query [B·k, P'] (shared left padding trimmed) and response [B·k, R] tensors.
     """
+    prompts, group = prompts.repeat(cfg.samples_per_prompt)
     query_ids, query_mask = trim_left_padding(prompts.input_ids, prompts.attention_mask)
     vocab = models.vocab
     samples = generate(
@@ -80,7 +82,13 @@ def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logp
     if samples.logprobs is not None:
         sampled = SampledLogprobs(samples.logprobs, samples.entropy)
     return Rollout(
-        query_ids, query_mask, samples.response_ids, samples.response_mask, prompts.texts, sampled
+        query_ids,
+        query_mask,
+        samples.response_ids,
+        samples.response_mask,
+        prompts.texts,
+        sampled,
+        group if cfg.samples_per_prompt > 1 else None,
     )
 
 

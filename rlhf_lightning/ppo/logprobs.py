@@ -47,8 +47,8 @@ class TokenStats:
     """Float[B, R] entropy of π_old at each step."""
     kl: torch.Tensor
     """Float[B, R] per-token KL estimate (`kl.estimator`), or the exact KL with `full`."""
-    values: torch.Tensor
-    """Float[B, R] critic values V(s_t)."""
+    values: torch.Tensor | None
+    """Float[B, R] critic values V(s_t); None without a critic (`critic.kind: none`)."""
 
 
 def uses_sampler_logprobs(models: PPOModels, gen: GenerationConfig, kl: KLConfig) -> bool:
@@ -166,9 +166,10 @@ def _micro_batch_stats(models: PPOModels, sub: Rollout, gen: GenerationConfig, k
         kl = out["kl"]
     else:
         kl = kl_penalty(out["logprobs"], ref_logp, kl_cfg.estimator) * mask  # [b, R]
+    values = None
     if shared:
         values = models.value_head(out["hidden"]) * mask  # [b, R]
-    else:
+    elif models.critic is not None:
         values = critic_values(models.critic, sub)  # [b, R]
     return out["logprobs"], ref_logp, out["entropy"], kl, values
 
@@ -178,10 +179,11 @@ def logprobs_values(
     models: PPOModels, rollout: Rollout, gen: GenerationConfig, kl: KLConfig
 ) -> TokenStats:
     """Step 3: `TokenStats` of the rollout in `gen.micro_batch_size` micro-batches (π_old from the
-    sampler when the rollout carries it, else a policy forward)."""
-    parts: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    sampler when the rollout carries it, else a policy forward; no values without a critic)."""
+    parts: list[list[torch.Tensor | None]] = [[] for _ in range(5)]
     for part in micro_batches(len(rollout), gen.micro_batch_size):
         sub = rollout.select(torch.arange(len(rollout))[part])
         for chunks, value in zip(parts, _micro_batch_stats(models, sub, gen, kl)):
-            chunks.append(value.float())
-    return TokenStats(*(torch.cat(chunks) for chunks in parts))  # each [B, R]
+            chunks.append(None if value is None else value.float())
+    joined = [None if chunks[0] is None else torch.cat(chunks) for chunks in parts]
+    return TokenStats(*joined)  # each [B, R] (values None without a critic)

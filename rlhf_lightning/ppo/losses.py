@@ -1,10 +1,20 @@
-"""PPO loss terms, each normalised by a GLOBAL count of valid tokens, plus a stats accumulator.
+"""PPO loss terms, each normalised by GLOBAL minibatch counts, plus a stats accumulator.
 
 Every loss is `sum over this micro-batch's valid tokens / n_tokens`, where `n_tokens` is the number
 of valid tokens in the whole minibatch (all its micro-batches). Summing the micro-batch losses (or
 accumulating their gradients) therefore gives exactly the minibatch token-mean, whatever the
 micro-batch size. The same holds for the returned statistics, which are token-means computed the
 same way (add them up over the micro-batches of a minibatch).
+
+Other loss aggregations (`update.loss_aggregation`) pass per-token `weights` (`token_weights`)
+that replace `mask / n_tokens` in the losses (statistics stay token-means):
+- `token_mean`:          w = m / N_tokens                      (default; Σ w = 1)
+- `seq_mean_token_mean`: w = m / (|y_i| · N_seqs)               (mean per response, then over
+  responses — the original GRPO, Shao et al. 2024)
+- `token_sum_norm`:      w = m / (N_seqs · max_new_tokens)      (a constant normaliser — Dr. GRPO,
+  Liu et al. 2025)
+with N_tokens / N_seqs the minibatch's valid tokens / responses, so all three are invariant to the
+micro-batch size.
 
 References:
 - Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate, value loss,
@@ -29,6 +39,7 @@ __all__ = [
     "ptx_loss",
     "kl_loss",
     "PPOStats",
+    "token_weights",
 ]
 
 
@@ -39,6 +50,29 @@ def _check_count(n_tokens: int | float | torch.Tensor) -> float:
     return n
 
 
+def token_weights(
+    mask: torch.Tensor, aggregation: str, n_tokens: float, n_seqs: float, max_new_tokens: int
+) -> torch.Tensor:
+    """Float[b, R] per-token loss weights of one micro-batch (`mask: [b, R]`) for
+    `update.loss_aggregation`; `n_tokens` / `n_seqs` count the whole minibatch."""
+    m = mask.float()
+    if aggregation == "token_mean":
+        return m / _check_count(n_tokens)
+    if aggregation == "seq_mean_token_mean":
+        lengths = m.sum(-1, keepdim=True).clamp(min=1)  # [b, 1]
+        return m / lengths / _check_count(n_seqs)
+    if aggregation == "token_sum_norm":
+        return m / (_check_count(n_seqs) * max_new_tokens)
+    raise ValueError(f"model.update.loss_aggregation: unknown {aggregation!r}")
+
+
+def _weighted(per_token: torch.Tensor, m: torch.Tensor, n: float, weights) -> torch.Tensor:
+    """Σ per_token · weights, or Σ per_token · m / n without weights."""
+    if weights is None:
+        return (per_token * m).sum() / n
+    return (per_token * weights.to(per_token.dtype)).sum()
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -47,6 +81,7 @@ def policy_loss(
     n_tokens: int | float | torch.Tensor,
     clip_eps: float = 0.2,
     dual_clip: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss `max(−A·r, −A·clip(r, 1−ε, 1+ε))`, summed over valid tokens / n_tokens.
 
@@ -58,6 +93,7 @@ def policy_loss(
         n_tokens: valid tokens in the whole minibatch.
         clip_eps: ε of the ratio clip.
         dual_clip: c > 1 caps the loss of negative-advantage tokens at −c·A (None disables).
+        weights: Float[B, R] per-token loss weights (`token_weights`); None = mask / n_tokens.
     Returns:
         (loss, stats) — stats are detached token-means (over n_tokens): `approxkl` (k3 estimate of
         KL(π_old ‖ π_θ)), `clipfrac`, `ratio_mean`, and `dual_clipfrac` when dual-clip is on.
@@ -77,7 +113,7 @@ def policy_loss(
         capped = (advantages < 0) & (per_token > cap)  # [B, R]
         per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
         stats["dual_clipfrac"] = (capped.to(m.dtype) * m).sum().detach() / n
-    loss = (per_token * m).sum() / n
+    loss = _weighted(per_token, m, n, weights)
     with torch.no_grad():
         stats["approxkl"] = ((ratio - 1.0 - log_ratio) * m).sum() / n
         stats["clipfrac"] = ((clipped > unclipped).to(m.dtype) * m).sum() / n
@@ -92,6 +128,7 @@ def value_loss(
     mask: torch.Tensor,
     n_tokens: int | float | torch.Tensor,
     clip_range: float | None = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss `½·max((V−R)², (V_old + clip(V−V_old, ±c) − R)²)` over valid tokens / n_tokens.
 
@@ -102,6 +139,7 @@ def value_loss(
         mask: [B, R] valid response tokens.
         n_tokens: valid tokens in the whole minibatch.
         clip_range: c; None disables value clipping (plain ½·(V−R)²).
+        weights: Float[B, R] per-token loss weights (`token_weights`); None = mask / n_tokens.
     Returns:
         (loss, stats) — `clipfrac` (fraction where the clipped branch is larger), `mean` (mean value).
     """
@@ -116,24 +154,32 @@ def value_loss(
         loss_clipped = (v_clipped - returns) ** 2  # [B, R]
         per_token = torch.maximum(loss_unclipped, loss_clipped)  # [B, R]
         clipfrac = ((loss_clipped > loss_unclipped).to(m.dtype) * m).sum().detach() / n
-    loss = 0.5 * (per_token * m).sum() / n
+    loss = 0.5 * _weighted(per_token, m, n, weights)
     return loss, {"clipfrac": clipfrac, "mean": (values * m).sum().detach() / n}
 
 
 def entropy_bonus(
-    entropy: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | torch.Tensor
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int | float | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token-mean policy entropy over valid tokens / n_tokens (the loss adds `−coef ·` this)."""
+    """Token-mean policy entropy over valid tokens / n_tokens (the loss adds `−coef ·` this);
+    with `weights`, Σ entropy · weights."""
     n = _check_count(n_tokens)
-    return (entropy * mask.to(entropy.dtype)).sum() / n
+    return _weighted(entropy, mask.to(entropy.dtype), n, weights)
 
 
 def kl_loss(
-    kl: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | torch.Tensor
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int | float | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token-mean KL(π_θ ‖ π_ref) estimate over valid tokens / n_tokens (KL as a loss term)."""
+    """Token-mean KL(π_θ ‖ π_ref) estimate over valid tokens / n_tokens (KL as a loss term);
+    with `weights`, Σ kl · weights."""
     n = _check_count(n_tokens)
-    return (kl * mask.to(kl.dtype)).sum() / n
+    return _weighted(kl, mask.to(kl.dtype), n, weights)
 
 
 def ptx_loss(

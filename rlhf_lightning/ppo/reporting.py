@@ -11,9 +11,11 @@ import math
 
 import torch
 
-from rlhf_lightning.ppo.advantages import Advantages, explained_variance, masked_mean
+from rlhf_lightning.ppo.advantages import Advantages, explained_variance
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
+from rlhf_lightning.ppo.estimators import group_reward_stats
 from rlhf_lightning.ppo.logprobs import TokenStats
+from rlhf_lightning.ppo.masked import masked_mean
 from rlhf_lightning.ppo.rollout import Rollout
 from rlhf_lightning.ppo.scoring import Scores
 from rlhf_lightning.ppo.stats import IterationStats, StepTimings, UpdateStats
@@ -53,6 +55,18 @@ def _sequence_means(
     return means
 
 
+def _group_stats(
+    rollout: Rollout, adv: Advantages, ranks: CrossRank
+) -> tuple[float | None, float | None]:
+    """(mean group std of the sequence rewards Σ_t r_t, share of tied groups) over every rank's
+    prompts; (None, None) with one sample per prompt."""
+    if rollout.group is None:
+        return None, None
+    sums = ranks.sum(group_reward_stats(adv.rewards.sum(-1), rollout.group))  # [3]
+    std_sum, tied, groups = sums.tolist()
+    return std_sum / max(groups, 1), tied / max(groups, 1)
+
+
 def iteration_stats(
     rollout: Rollout,
     scores: Scores,
@@ -68,6 +82,10 @@ def iteration_stats(
     mask = rollout.response_mask
     means = _sequence_means(rollout, scores, tokens, kl_coef, ranks)
     lengths = mask.sum(1).float()  # [B]
+    group_std, tied = _group_stats(rollout, adv, ranks)
+    ev = None
+    if tokens.values is not None:
+        ev = explained_variance(tokens.values, adv.returns, mask, ranks=ranks)
     return IterationStats(
         reward=means["reward"],
         reward_raw=means["reward_raw"],
@@ -75,7 +93,7 @@ def iteration_stats(
         kl=means["kl"],
         kl_coef=float(kl_coef),
         entropy=float(masked_mean(tokens.entropy, mask, ranks=ranks)),
-        explained_variance=explained_variance(tokens.values, adv.returns, mask, ranks=ranks),
+        explained_variance=ev,
         returns_mean=float(masked_mean(adv.returns, mask, ranks=ranks)),
         advantages_mean=float(masked_mean(adv.advantages, mask, ranks=ranks)),
         length_mean=means["length_mean"],
@@ -85,24 +103,40 @@ def iteration_stats(
         update=update,
         timings=timings,
         tokens=float(lengths.sum()),
+        group_reward_std=group_std,
+        zero_advantage_groups=tied,
     )
 
 
 def sample_rows(rollout: Rollout, scores: Scores, tokens: TokenStats, n: int) -> list[dict]:
-    """First `n` rows of prompt / response / reward / gold / KL for the text table."""
+    """Prompt / response / reward / gold / KL rows for the text table: the first `n` rows, or with
+    k > 1 samples per prompt the first whole groups covering at least `n` rows, each row with its
+    group and the group's reward spread (max − min of the shaped rewards)."""
     seq_kl = (tokens.kl * rollout.response_mask).sum(1)
+    count = min(n, len(rollout))
+    spread = None
+    if rollout.group is not None:
+        group = rollout.group
+        k = int((group == group[0]).sum())
+        count = min(-(-max(count, 1) // k) * k, len(rollout))
+        spread = {}
+        for g in group[:count].unique().tolist():
+            shaped = scores.shaped[group == g]
+            spread[g] = float(shaped.max() - shaped.min())
     rows = []
-    for i in range(min(n, len(rollout))):
-        rows.append(
-            {
-                "prompt": rollout.prompts[i][-300:],
-                "response": scores.responses[i],
-                "reward": float(scores.shaped[i]),
-                "reward_raw": float(scores.raw[i]),
-                "gold": float(scores.gold[i]) if scores.gold is not None else "",
-                "kl": float(seq_kl[i]),
-            }
-        )
+    for i in range(count):
+        row = {
+            "prompt": rollout.prompts[i][-300:],
+            "response": scores.responses[i],
+            "reward": float(scores.shaped[i]),
+            "reward_raw": float(scores.raw[i]),
+            "gold": float(scores.gold[i]) if scores.gold is not None else "",
+            "kl": float(seq_kl[i]),
+        }
+        if spread is not None:
+            g = int(rollout.group[i])
+            row = {"group": g, **row, "group_reward_spread": spread[g]}
+        rows.append(row)
     return rows
 
 

@@ -44,6 +44,17 @@ class PromptBatch:
         """From a datamodule prompt batch (`input_ids`, `attention_mask`, `prompt_text`)."""
         return cls(batch["input_ids"], batch["attention_mask"], list(batch["prompt_text"]))
 
+    def repeat(self, k: int) -> tuple[PromptBatch, torch.Tensor]:
+        """Each prompt k times in a row (`[p0, p0, p1, p1]` for k = 2) and the group of every row:
+        Long[B·k] index of its prompt in this batch."""
+        group = torch.arange(len(self.texts), device=self.input_ids.device).repeat_interleave(k)
+        repeated = PromptBatch(
+            self.input_ids.repeat_interleave(k, dim=0),
+            self.attention_mask.repeat_interleave(k, dim=0),
+            [text for text in self.texts for _ in range(k)],
+        )
+        return repeated, group
+
 
 @dataclass(frozen=True)
 class SampledLogprobs:
@@ -100,6 +111,15 @@ class Rollout(Sequences):
     sampled: SampledLogprobs | None = None
     """π_old from the sampler; None when step 3 runs a policy forward instead (a config choice,
     not a step that has not run yet)."""
+    group: torch.Tensor | None = None
+    """Long[B] the prompt (group) of every row: the k = `generation.samples_per_prompt` samples of
+    a prompt share a value and are adjacent; None = one sample per prompt."""
+
+    def group_ids(self) -> torch.Tensor:
+        """Long[B] group of every row (`group`, or each row its own group when None)."""
+        if self.group is not None:
+            return self.group
+        return torch.arange(len(self), device=self.query_ids.device)
 
 
 def select_rows(container, index: torch.Tensor):

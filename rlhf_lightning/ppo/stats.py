@@ -3,10 +3,12 @@
 Every PPO tag starts with `ppo/`:
 
 - `ppo/objective/{reward, reward_raw, rlhf_reward, kl, kl_coef, entropy, gold}` (+ histograms
-  `ppo/objective/{reward_hist, kl_token_hist}`);
+  `ppo/objective/{reward_hist, kl_token_hist}`), and with k > 1 samples per prompt
+  `ppo/objective/{group_reward_std, zero_advantage_groups}`;
 - `ppo/loss/{policy, value, kl, ptx, total}`, `ppo/policy/{entropy, approxkl, clipfrac,
   ratio_mean, dual_clipfrac, ratio_at_start, epochs_done, early_stop}`,
-  `ppo/value/{clipfrac, mean, explained_variance}`, `ppo/returns/mean`, `ppo/advantages/mean`,
+  `ppo/value/{clipfrac, mean, explained_variance}` (with a critic), `ppo/returns/mean`,
+  `ppo/advantages/mean`,
   `ppo/response/{length_mean, length_max, eos_fraction}`;
 - `ppo/perf/{rollout_s, score_s, logprob_s, update_s, iteration_s, tokens_per_s}` (this rank's);
 - `ppo/monitor/*` (the reward-hacking monitor's signals) and the text table `ppo/samples`.
@@ -28,8 +30,8 @@ class UpdateStats:
 
     loss_policy: float
     """Clipped surrogate loss."""
-    loss_value: float
-    """Clipped value loss."""
+    loss_value: float | None
+    """Clipped value loss (None without a critic)."""
     loss_total: float
     """The optimised sum of the terms."""
     entropy: float
@@ -40,10 +42,10 @@ class UpdateStats:
     """Share of tokens where the ratio clip is active."""
     ratio_mean: float
     """Mean ratio π_θ / π_old."""
-    value_clipfrac: float
-    """Share of tokens where the value clip is active."""
-    value_mean: float
-    """Mean value in the update pass."""
+    value_clipfrac: float | None
+    """Share of tokens where the value clip is active (None without a critic)."""
+    value_mean: float | None
+    """Mean value in the update pass (None without a critic)."""
     ratio_at_start: float
     """Mean ratio of the first minibatch (1 when the update reproduces the rollout)."""
     epochs_done: int
@@ -64,14 +66,14 @@ class UpdateStats:
         """From `PPOStats.means()` (keys `loss/…`, `policy/…`, `val/…`)."""
         return cls(
             loss_policy=means["loss/policy"],
-            loss_value=means["loss/value"],
+            loss_value=means.get("loss/value"),
             loss_total=means["loss/total"],
             entropy=means["policy/entropy"],
             approxkl=means["policy/approxkl"],
             clipfrac=means["policy/clipfrac"],
             ratio_mean=means["policy/ratio_mean"],
-            value_clipfrac=means["val/clipfrac"],
-            value_mean=means["val/mean"],
+            value_clipfrac=means.get("val/clipfrac"),
+            value_mean=means.get("val/mean"),
             ratio_at_start=ratio_at_start,
             epochs_done=epochs_done,
             early_stop=early_stop,
@@ -146,8 +148,8 @@ class IterationStats:
     """β of the KL controller this iteration."""
     entropy: float
     """Rollout policy entropy per token."""
-    explained_variance: float
-    """1 − Var[returns − values] / Var[returns]."""
+    explained_variance: float | None
+    """1 − Var[returns − values] / Var[returns] (None without a critic)."""
     returns_mean: float
     """Mean return per token."""
     advantages_mean: float
@@ -168,6 +170,11 @@ class IterationStats:
     """Response tokens sampled on this rank."""
     monitor: dict[str, float] = field(default_factory=dict)
     """The reward-hacking monitor's signals."""
+    group_reward_std: float | None = None
+    """Mean over prompts of the std of their k samples' sequence rewards (None for k = 1)."""
+    zero_advantage_groups: float | None = None
+    """Share of prompts whose k samples got equal rewards (zero GRPO/RLOO advantage; None for
+    k = 1)."""
 
     def to_tags(self) -> dict[str, float]:
         """The flat `ppo/…` tag → value dict that is logged and kept in `PPOModule.history`."""
@@ -181,10 +188,13 @@ class IterationStats:
             "ppo/objective/kl_coef": self.kl_coef,
             "ppo/objective/entropy": self.entropy,
             "ppo/value/explained_variance": self.explained_variance,
+            "ppo/objective/group_reward_std": self.group_reward_std,
+            "ppo/objective/zero_advantage_groups": self.zero_advantage_groups,
             "ppo/returns/mean": self.returns_mean,
             "ppo/advantages/mean": self.advantages_mean,
             "ppo/response/length_max": self.length_max,
         }
+        tags = {k: v for k, v in tags.items() if v is not None}
         if self.gold is not None:
             tags["ppo/objective/gold"] = self.gold
         tags.update(self.update.to_tags())

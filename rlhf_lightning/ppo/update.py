@@ -9,9 +9,12 @@ counts), `LocalOps` with plain torch.
 
 Per minibatch: optional PPO-ptx micro-batches add γ_ptx·NLL on demonstrations; every PPO
 micro-batch's losses are divided by the minibatch's valid-token count (so the accumulated gradient
-is the minibatch token-mean whatever the micro-batch size) and backpropagated; then the
-optimizers and schedulers step. Before the very first optimizer step the policy must reproduce
-the rollout's log-probs (ratio π/π_old = 1).
+is the minibatch token-mean whatever the micro-batch size; other `update.loss_aggregation`s
+weight the tokens by minibatch counts the same way, `ppo.losses.token_weights`) and
+backpropagated; then the optimizers and schedulers step. Before the very first optimizer step the
+policy must reproduce the rollout's log-probs (ratio π/π_old = 1). Without a critic
+(`critic.kind: none`) there is no value loss. With k > 1 samples per prompt the minibatches are
+drawn as whole groups (`group_minibatches`): the samples of a prompt are never split.
 
 Under DDP the divisor is the minibatch's valid-token count averaged over ranks (DDP averages the
 gradients, so the result is the token-mean of the global minibatch), and the minibatch
@@ -43,13 +46,21 @@ from rlhf_lightning.ppo.losses import (
     kl_loss,
     policy_loss,
     ptx_loss,
+    token_weights,
     value_loss,
 )
 from rlhf_lightning.ppo.models import PPOModels
 from rlhf_lightning.ppo.rollout import micro_batches
 from rlhf_lightning.ppo.stats import UpdateStats
 
-__all__ = ["UpdateOps", "LocalOps", "UpdateStats", "ppo_update", "RatioMismatchError"]
+__all__ = [
+    "UpdateOps",
+    "LocalOps",
+    "UpdateStats",
+    "ppo_update",
+    "group_minibatches",
+    "RatioMismatchError",
+]
 
 
 class RatioMismatchError(RuntimeError):
@@ -104,14 +115,19 @@ class LocalOps:
 def _micro_losses(
     models: PPOModels,
     micro: Experience,
-    n_tokens: float,
+    counts: tuple[float, float],
     stats: PPOStats,
     cfg: tuple[UpdateConfig, KLConfig, GenerationConfig, float],
     ops: UpdateOps,
 ) -> float:
-    """Forward/backward of one micro-batch; returns Σ|ratio − 1| over its valid tokens."""
+    """Forward/backward of one micro-batch; returns Σ|ratio − 1| over its valid tokens.
+    `counts` = (valid tokens, responses) of the whole minibatch."""
     upd, kl_cfg, gen, kl_coef = cfg
     mask = micro.response_mask
+    n_tokens, n_seqs = counts
+    weights = None  # token_mean: mask / n_tokens inside the losses
+    if upd.loss_aggregation != "token_mean":
+        weights = token_weights(mask, upd.loss_aggregation, n_tokens, n_seqs, gen.max_new_tokens)
     ref_logits = None
     kl_in_loss = kl_cfg.mode == "loss"
     if kl_in_loss and kl_cfg.estimator == "full":
@@ -125,29 +141,39 @@ def _micro_losses(
     )
     logp = out["logprobs"]  # [b, R]
     pg_loss, pg_stats = policy_loss(
-        logp, micro.old_logprobs, micro.advantages, mask, n_tokens, upd.clip_eps, upd.dual_clip
+        logp,
+        micro.old_logprobs,
+        micro.advantages,
+        mask,
+        n_tokens,
+        upd.clip_eps,
+        upd.dual_clip,
+        weights=weights,
     )
-    values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
-    v_loss, v_stats = value_loss(
-        values, micro.old_values, micro.returns, mask, n_tokens, upd.value_clip
-    )
-    entropy = entropy_bonus(out["entropy"], mask, n_tokens)
-    loss = pg_loss + upd.vf_coef * v_loss - upd.ent_coef * entropy
-    terms = {"loss/policy": pg_loss, "loss/value": v_loss, "policy/entropy": entropy}
+    entropy = entropy_bonus(out["entropy"], mask, n_tokens, weights=weights)
+    loss = pg_loss - upd.ent_coef * entropy
+    terms = {"loss/policy": pg_loss, "policy/entropy": entropy}
+    if shared or models.critic is not None:
+        values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
+        v_loss, v_stats = value_loss(
+            values, micro.old_values, micro.returns, mask, n_tokens, upd.value_clip, weights=weights
+        )
+        loss = loss + upd.vf_coef * v_loss
+        terms["loss/value"] = v_loss
+        stats.add(v_stats, "val/")
     if kl_in_loss:
         kl = (
             out["kl"]
             if kl_cfg.estimator == "full"
             else kl_penalty(logp, micro.ref_logprobs, kl_cfg.estimator)
         )
-        k_loss = kl_loss(kl, mask, n_tokens)
+        k_loss = kl_loss(kl, mask, n_tokens, weights=weights)
         loss = loss + kl_coef * k_loss
         terms["loss/kl"] = k_loss
     ops.backward(loss)
     terms["loss/total"] = loss
     stats.add({k: v.detach() for k, v in terms.items()})
     stats.add(pg_stats, "policy/")
-    stats.add(v_stats, "val/")
     with torch.no_grad():
         ratio = torch.exp((logp - micro.old_logprobs) * mask)  # [b, R]
         return float(((ratio - 1).abs() * mask).sum())
@@ -175,6 +201,7 @@ def _minibatch(models, mb, stats, cfg, ops, next_ptx) -> tuple[float, float]:
     """PPO-ptx then the PPO micro-batches of one minibatch: (Σ|ratio − 1|, global token count)."""
     upd = cfg[0]
     n_tokens = _global_count(ops.ranks, mb.response_mask.sum())
+    n_seqs = _global_count(ops.ranks, torch.tensor(float(len(mb))))
     if (
         upd.ptx_coef > 0 and next_ptx is not None
     ):  # first: the PPO backwards below also average its gradients
@@ -183,7 +210,7 @@ def _minibatch(models, mb, stats, cfg, ops, next_ptx) -> tuple[float, float]:
     deviation = 0.0
     for part in micro_batches(len(mb), upd.micro_batch_size):
         micro = mb.select(torch.arange(len(mb), device=mb.response_ids.device)[part])
-        deviation += _micro_losses(models, micro, n_tokens, stats, cfg, ops)
+        deviation += _micro_losses(models, micro, (n_tokens, n_seqs), stats, cfg, ops)
     return deviation, n_tokens
 
 
@@ -199,18 +226,19 @@ def ppo_update(
     next_ptx: Callable[[], dict] | None = None,
 ) -> UpdateStats:
     """Step 5: the PPO epochs on `exp`; `next_ptx()` gives a demonstration batch (PPO-ptx on)."""
-    size = len(exp)
+    size = len(exp) if exp.group is None else int(exp.group.unique().numel())
     if not 1 <= upd.num_minibatches <= size:
         raise ValueError(
             f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
-            f"rollout batch size {size}"
+            f"rollout's {'rows' if exp.group is None else 'prompts (groups)'} {size}"
         )
     stats, cfg = PPOStats(), (upd, kl, gen, kl_coef)
     epochs_done, early_stop, first = 0, False, True
     ops.zero_grad()
     for epoch in range(upd.ppo_epochs):
-        order = torch.randperm(size, device=exp.query_ids.device)
-        for chunk in torch.tensor_split(order, upd.num_minibatches):
+        for chunk in group_minibatches(
+            exp.group, len(exp), upd.num_minibatches, exp.query_ids.device
+        ):
             deviation, n_tokens = _minibatch(models, exp.select(chunk), stats, cfg, ops, next_ptx)
             if first:
                 mean_dev = _global_count(ops.ranks, torch.tensor(deviation)) / n_tokens
@@ -227,6 +255,24 @@ def ppo_update(
     return UpdateStats.from_means(
         stats.means(), stats.first.get("policy/ratio_mean", 1.0), epochs_done, early_stop
     )
+
+
+def group_minibatches(
+    group: torch.Tensor | None, rows: int, num_minibatches: int, device
+) -> list[torch.Tensor]:
+    """One epoch's shuffled minibatches as Long row indices. Without groups: a permutation of the
+    rows split into `num_minibatches` parts; with `group: Long[rows]`: the groups are permuted and
+    split, and every minibatch holds all rows of its groups (adjacent, in group order)."""
+    if group is None:
+        order = torch.randperm(rows, device=device)
+        return list(torch.tensor_split(order, num_minibatches))
+    ids, dense = torch.unique(group, return_inverse=True)  # dense: [rows] in [0, G)
+    order = torch.randperm(len(ids), device=device)  # groups in shuffled order
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(ids), device=device))
+    by_group = torch.argsort(rank[dense] * rows + torch.arange(rows, device=device))  # [rows]
+    per_group = torch.bincount(dense, minlength=len(ids))[order]  # rows of each shuffled group
+    sizes = [int(part.sum()) for part in torch.tensor_split(per_group, num_minibatches)]
+    return list(torch.split(by_group, sizes))
 
 
 def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:
