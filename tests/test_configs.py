@@ -2,7 +2,8 @@
 
 LightningCLI configs are checked with `rlhf fit --config X --print_config` (full type
 validation of trainer, model and data, without instantiating anything); `rlhf label`
-configs (file names containing "label") with the labeling parser. Overlays (`OVERLAYS`: a
+configs (file names containing "label") with the labeling parser, `rlhf evaluate` configs (names
+containing "evaluate") with the evaluation parser. Overlays (`OVERLAYS`: a
 file that only changes a few values of a base config) are parsed on top of their base, as
 they are used: `rlhf fit --config BASE --config OVERLAY`.
 """
@@ -21,7 +22,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.\-/]*\s*:(\s|$)")
 # overlay → its base config (relative to configs/)
-OVERLAYS = {"quickstart/ppo_overopt.yaml": "quickstart/ppo.yaml"}
+OVERLAYS = {
+    f"quickstart/{name}.yaml": "quickstart/ppo.yaml"
+    for name in ("ppo_overopt", "grpo", "rloo", "reinforce_pp")
+}
 
 
 def _ids(paths):
@@ -67,6 +71,11 @@ def test_config_parses(path, capsys):
         from rlhf_lightning.labeling import build_parser
 
         build_parser().parse_args(["--config", str(path)])
+        return
+    if "evaluate" in path.stem:
+        from rlhf_lightning.evaluation.run import build_parser as evaluate_parser
+
+        evaluate_parser().parse_args(["--config", str(path)])
         return
     printed = _print_config(_config_args(path), capsys)
     assert {"trainer", "model", "data"} <= set(printed)
