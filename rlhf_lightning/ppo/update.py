@@ -150,8 +150,11 @@ def _micro_losses(
         upd.dual_clip,
         weights=weights,
     )
-    entropy = entropy_bonus(out["entropy"], mask, n_tokens, weights=weights)
-    loss = pg_loss - upd.ent_coef * entropy
+    entropy = entropy_bonus(out["entropy"], mask, n_tokens)  # token mean (logged)
+    if weights is not None:
+        loss = pg_loss - upd.ent_coef * entropy_bonus(out["entropy"], mask, n_tokens, weights)
+    else:
+        loss = pg_loss - upd.ent_coef * entropy
     terms = {"loss/policy": pg_loss, "policy/entropy": entropy}
     if shared or models.critic is not None:
         values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
