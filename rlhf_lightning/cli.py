@@ -6,6 +6,7 @@
     rlhf fit --config base.yaml --config overlay.yaml    # later files override earlier ones
     rlhf fit --model SFTModule --model.help SFTModule    # every init option, documented
     rlhf label ...                                       # rank sampled responses (labeling.py)
+    rlhf evaluate --config configs/quickstart/evaluate.yaml  # compare policies (evaluation/)
     rlhf --debug fit ...   (or RLHF_DEBUG=1 rlhf fit ...)  # full tracebacks instead of one line
 
 Models are given in subclass mode, so `--model SFTModule` (short name) or a full
@@ -83,7 +84,8 @@ def _make_cli_class(state: RunState | None):
 _DESCRIPTION = (
     "RLHF stages on PyTorch Lightning: `rlhf fit|validate --config X.yaml` trains/evaluates a "
     "stage (--model SFTModule|RewardModule|PPOModule); `rlhf label --config X.yaml` ranks "
-    "sampled responses with a labeler. Errors are one line; `--debug` or RLHF_DEBUG=1 shows "
+    "sampled responses with a labeler; `rlhf evaluate --config X.yaml` compares policies "
+    "(win rate, KL, best-of-N) judged by a gold scorer. Errors are one line; `--debug` or RLHF_DEBUG=1 shows "
     "the traceback."
 )
 
@@ -133,6 +135,12 @@ def _label(argv: list[str], state: RunState) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _evaluate(argv: list[str], state: RunState) -> int:
+    evaluation = importlib.import_module("rlhf_lightning.evaluation.run")
+    evaluation.main(argv, run_state=state)
+    return 0
+
+
 def check_config_paths(args: Sequence[str]) -> None:
     """Raise FileNotFoundError for a `--config PATH` / `--config=PATH` that does not exist."""
     for i, arg in enumerate(args):
@@ -146,13 +154,16 @@ def check_config_paths(args: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: `rlhf label ...` or a LightningCLI subcommand; returns the exit code."""
+    """Console entry point: `rlhf label|evaluate ...` or a LightningCLI subcommand; returns the
+    exit code."""
     debug, args = debug_switch(sys.argv[1:] if argv is None else argv)
     state = RunState(one_line=not debug)
     try:
         check_config_paths(args)
         if args and args[0] == "label":
             return _label(args[1:], state)
+        if args and args[0] == "evaluate":
+            return _evaluate(args[1:], state)
         run_cli(args, state=state)
     except Exception as err:
         if debug or not reportable(err, state):

@@ -15,7 +15,7 @@ keyword arguments, and `load_scorer` turns it into a `BatchScorer`, called as
 - every score must be a finite number (one-line error naming the config key and the sample).
 
 Used by `model.reward.function` / `model.reward.gold` (PPO), `labeler` (`rlhf label`) and the
-gold evaluation (`tasks.evaluate`).
+gold judge of `rlhf evaluate` (`rlhf_lightning.evaluation`).
 """
 
 from __future__ import annotations

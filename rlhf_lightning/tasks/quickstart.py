@@ -196,23 +196,88 @@ def overopt_stage(ctx: Context) -> dict:
     return result
 
 
-def _evaluate(ctx: Context, export_name: str) -> dict:
-    from rlhf_lightning.tasks.evaluate import evaluate_policy
+def compare_stage(ctx: Context) -> dict:
+    """PPO, GRPO, RLOO and REINFORCE++ at an equal budget, each in its own process; one table
+    `<out>/compare/estimators.md` (held-out gold and KL, wall time, peak RSS, models in memory).
+    See `rlhf_lightning.tasks.compare_estimators` and docs/critic_free.md."""
+    from rlhf_lightning.tasks.compare_estimators import compare
 
-    held_out = ctx.out / "data" / "sft_val.jsonl"  # prompts never used by label or PPO
-    found = evaluate_policy(str(ctx.out / "export" / export_name), str(held_out), seed=ctx.seed)
-    return {"gold": found["gold"], "distinct_2": found["distinct_2"]}
+    return compare(ctx)
+
+
+def _evaluate(ctx: Context, export_name: str) -> dict:
+    """Held-out numbers of one export against the SFT policy (`rlhf evaluate`, no best-of-N)."""
+    policies = [_export_policy(ctx, "sft"), _export_policy(ctx, export_name)]
+    report = _run_evaluate(ctx, policies, f"evaluate_{export_name}")
+    row = _policy_row(report, export_name)
+    keys = {"gold": "gold", "distinct_2": "distinct_2", "kl_held_out": "kl", "win_rate": "win_rate"}
+    return {name: row[key] for name, key in keys.items()}
 
 
 def evaluate_stage(ctx: Context) -> dict:
-    """Mean gold score of SFT and PPO samples on the same held-out prompts and sampling settings."""
-    sft, ppo = _evaluate(ctx, "sft"), _evaluate(ctx, "ppo")
+    """`rlhf evaluate` with configs/quickstart/evaluate.yaml: the SFT and PPO policies and best-of-N
+    of the SFT policy under the proxy RM, on the same held-out prompts with the same sampling,
+    judged by the simulated human; whether PPO beats best-of-N at equal KL."""
+    import yaml
+
+    config = yaml.safe_load(ctx.config("evaluate.yaml").read_text())
+    report = _run_evaluate(ctx, [_redirected(ctx, p) for p in config["policies"]], "evaluate")
+    sft, ppo = _policy_row(report, "sft"), _policy_row(report, "ppo")
+    top = max((r for r in report["policies"] if r["n"] is not None), key=lambda r: r["n"])
+    versus = next(c for c in report["comparisons"] if c["policy"] == "ppo")
     return {
         "gold_sft": sft["gold"],
         "gold_ppo": ppo["gold"],
+        "kl_ppo": ppo["kl"],
+        "win_rate_ppo": ppo["win_rate"],
         "distinct_2_sft": sft["distinct_2"],
         "distinct_2_ppo": ppo["distinct_2"],
+        "best_of_n_max": top["n"],
+        "gold_best_of_n": top["gold"],
+        "kl_best_of_n": top["kl"],
+        "ppo_minus_best_of_n": versus["gold_minus_bon"],
+        "ppo_vs_best_of_n": versus["verdict"],
     }
+
+
+def _run_evaluate(ctx: Context, policies: list[dict], out_name: str) -> dict:
+    """`rlhf evaluate --config evaluate.yaml` in-process on `policies`, report in `<out>/<out_name>`.
+
+    Held-out prompts: `<out>/data/sft_val.jsonl` (never used by label or PPO); proxy: the reward
+    export; `evaluate:KEY=VALUE` overrides apply (e.g. `evaluate:prompts.limit=16`).
+    """
+    from rlhf_lightning.evaluation.run import main as evaluate_main
+
+    out = ctx.out
+    return evaluate_main(
+        [
+            "--config", str(ctx.config("evaluate.yaml")),
+            f"--policies={json.dumps(policies)}",
+            f"--prompts.path={out / 'data' / 'sft_val.jsonl'}",
+            f"--proxy.reward_model={out / 'export' / 'reward'}",
+            f"--out_dir={out / out_name}",
+            f"--sampling.seed={ctx.seed}",
+            *ctx.stage_overrides("evaluate", unscoped=False),
+        ]
+    )  # fmt: skip
+
+
+def _export_policy(ctx: Context, name: str) -> dict:
+    return {"name": name, "model": {"name_or_path": str(ctx.out / "export" / name)}}
+
+
+def _redirected(ctx: Context, policy: dict) -> dict:
+    """A policy of evaluate.yaml with its export folders moved under `<out>/export/`."""
+    policy = json.loads(json.dumps(policy))
+    bon = policy.get("best_of_n") or {}
+    for spec in (policy.get("model"), bon.get("base")):
+        if isinstance(spec, dict) and spec.get("name_or_path"):
+            spec["name_or_path"] = str(ctx.out / "export" / Path(spec["name_or_path"]).name)
+    return policy
+
+
+def _policy_row(report: dict, name: str) -> dict:
+    return next(r for r in report["policies"] if r["name"] == name and r["n"] is None)
 
 
 STAGES: list[Stage] = [
@@ -221,11 +286,12 @@ STAGES: list[Stage] = [
     Stage("label", label_stage, "collect ranked comparisons from the SFT policy"),
     Stage("reward", reward_stage, "reward model on the rankings"),
     Stage("ppo", ppo_stage, "PPO against the reward model"),
-    Stage("evaluate", evaluate_stage, "gold score of SFT vs PPO on held-out prompts"),
+    Stage("evaluate", evaluate_stage, "rlhf evaluate: SFT vs PPO vs best-of-N on held-out prompts"),
 ]
 # Run on request (`--stages overopt`, after the main pipeline): not part of the default run.
 EXTRA_STAGES: list[Stage] = [
     Stage("overopt", overopt_stage, "over-optimisation demo (kl_coef 0, longer)"),
+    Stage("compare", compare_stage, "PPO vs GRPO, RLOO, REINFORCE++ at equal budget"),
 ]
 
 SUMMARY_KEYS = {
@@ -234,6 +300,12 @@ SUMMARY_KEYS = {
     "gold_sft": ("evaluate", "gold_sft"),
     "gold_ppo": ("evaluate", "gold_ppo"),
     "kl_final": ("ppo", "ppo/objective/kl"),
+    "kl_ppo_held_out": ("evaluate", "kl_ppo"),
+    "win_rate_ppo": ("evaluate", "win_rate_ppo"),
+    "gold_best_of_n": ("evaluate", "gold_best_of_n"),
+    "kl_best_of_n": ("evaluate", "kl_best_of_n"),
+    "ppo_minus_best_of_n": ("evaluate", "ppo_minus_best_of_n"),
+    "ppo_vs_best_of_n": ("evaluate", "ppo_vs_best_of_n"),
 }
 
 

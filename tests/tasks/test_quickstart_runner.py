@@ -114,6 +114,8 @@ def test_full_pipeline_writes_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {
         "sft_val_loss", "rm_val_accuracy", "gold_sft", "gold_ppo", "kl_final", "seconds",
+        "kl_ppo_held_out", "win_rate_ppo", "gold_best_of_n", "kl_best_of_n",
+        "ppo_minus_best_of_n", "ppo_vs_best_of_n",
     }  # fmt: skip
     assert list(summary["seconds"]) == [s.name for s in quickstart.STAGES]
     assert 0.0 <= summary["rm_val_accuracy"] <= 1.0 and summary["sft_val_loss"] > 0
