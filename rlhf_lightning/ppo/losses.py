@@ -53,9 +53,10 @@ def _check_count(n_tokens: int | float | torch.Tensor) -> float:
 def token_weights(
     mask: torch.Tensor, aggregation: str, n_tokens: float, n_seqs: float, max_new_tokens: int
 ) -> torch.Tensor:
-    """Float[b, R] per-token loss weights of one micro-batch (`mask: [b, R]`) for
-    `update.loss_aggregation`; `n_tokens` / `n_seqs` count the whole minibatch."""
-    m = mask.float()
+    """Float64[b, R] per-token loss weights of one micro-batch (`mask: [b, R]`) for
+    `update.loss_aggregation`; `n_tokens` / `n_seqs` count the whole minibatch. Float64, so that
+    a float64 run is exact; the losses cast them to their own dtype (rounding each weight once)."""
+    m = mask.to(torch.float64)
     if aggregation == "token_mean":
         return m / _check_count(n_tokens)
     if aggregation == "seq_mean_token_mean":

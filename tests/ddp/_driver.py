@@ -5,6 +5,7 @@ it cannot run inside pytest; `tests/ddp/conftest.py` runs it in a subprocess:
 
     python tests/ddp/_driver.py OUT DEVICES PRECISIONS SCENARIOS
     e.g.  python tests/ddp/_driver.py /tmp/x 2 32-true sft,rm,ppo_fixed,ppo_resume
+    (critic-free: grpo_fixed, reinforce_pp_fixed — tests/ddp/test_ddp_groups.py)
 
 Every scenario is fitted once per precision with `devices` CPU processes (gloo, one intra-op thread
 each) and the same GLOBAL batch whatever the number of ranks (per-rank batch = global / devices).
@@ -15,6 +16,7 @@ history and the KL-controller / running-moment / monitor state. The tests compar
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -176,18 +178,22 @@ def run_rm(out: Path, name: str, devices: int, precision: str) -> None:
     save(out, name, tr, module, rec)
 
 
-def fixed_generate(model, query_ids, query_mask, *, eos_token_id, pad_token_id, **kw):
+def fixed_generate(model, query_ids, query_mask, *, eos_token_id, pad_token_id, samples=1, **kw):
     """Stand-in for `generation.generate`: a response that depends only on the prompt's tokens, so a
-    PPO iteration is a deterministic function of its prompts (no sampling noise)."""
+    PPO iteration is a deterministic function of its prompts (no sampling noise). With `samples`
+    = k > 1 the rows of a prompt come as adjacent runs of k; the j-th of them (j = position in
+    the run of equal prompts mod k) gets its own response."""
     from rlhf_lightning.models.masks import response_mask
     from rlhf_lightning.ppo.generation import Samples
 
     eos = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
     good = [t for t in range(5, model.config.vocab_size) if t not in (eos, pad_token_id)]
-    rows = []
+    rows, previous, run = [], None, 0
     for ids, mask in zip(query_ids.tolist(), query_mask.tolist()):
         prompt = [i for i, m in zip(ids, mask) if m]  # without the batch's left padding
-        key = sum(i * (k + 1) for k, i in enumerate(prompt))
+        run = run + 1 if prompt == previous else 0
+        previous = prompt
+        key = sum(i * (k + 1) for k, i in enumerate(prompt)) + 11 * (run % samples)
         ends = key % 3 > 0  # else: no EOS within max_new_tokens (8), as a real sampler would
         row = [good[(key * 7 + 13 * t) % len(good)] for t in range(1 + key % 6 if ends else 8)]
         rows.append(row + [eos] if ends else row)
@@ -314,7 +320,58 @@ def run_ppo_resume(out: Path, name: str, devices: int, precision: str) -> None:
         save(out, f"{name}_{part}", tr, module, rec, prompts=prompts, **ppo_extra(module))
 
 
-SCENARIOS = {"sft": run_sft, "rm": run_rm, "ppo_fixed": run_ppo_fixed, "ppo_resume": run_ppo_resume}
+def run_critic_free_fixed(out: Path, name: str, devices: int, precision: str, advantage: str):
+    """2 critic-free iterations on fixed responses, k = 2 samples per prompt (4 prompts per rank
+    vs 8 in one process): 2 epochs × one whole-batch minibatch; each rollout's groups saved."""
+    import rlhf_lightning.ppo.generation as generation
+    from rlhf_lightning.ppo.config import GenerationConfig, RewardConfig, UpdateConfig
+
+    tok = tokenizer()
+    module = ppo_module(
+        tok,
+        # the response length (1–8 words) differs within most groups: non-zero advantages
+        reward=RewardConfig(
+            function=f"{TOY}:response_length", gold=f"{TOY}:word_frequency", normalize="running"
+        ),
+        generation=GenerationConfig(max_new_tokens=8, sampler_logprobs=False, samples_per_prompt=2),
+        update=UpdateConfig(
+            advantage=advantage,
+            loss_aggregation="seq_mean_token_mean" if advantage == "reinforce_pp" else "token_mean",
+            ppo_epochs=2,
+            num_minibatches=1,
+            micro_batch_size=3,  # cuts through groups
+            clip_eps=10.0,
+            ptx_coef=0.5,
+            ptx_batch_size=3,
+        ),
+        export_dir=str(out / f"{name}_export"),
+    )
+    rec, rollouts = Recorder(manual=True), []
+    sampler, rollout = generation.generate, generation.rollout
+
+    def recording_rollout(*args, **kw):
+        result = rollout(*args, **kw)
+        rollouts.append({"group": result.group.tolist(), "prompts": list(result.prompts)})
+        return result
+
+    tr = trainer(devices, precision, out, max_epochs=1, callbacks=[rec])
+    generation.generate = functools.partial(fixed_generate, samples=2)
+    generation.rollout = recording_rollout
+    try:
+        tr.fit(module, datamodule=prompt_data(tok, 2 * PPO_GLOBAL_BATCH, devices))
+    finally:
+        generation.generate, generation.rollout = sampler, rollout
+    save(out, name, tr, module, rec, rollouts=rollouts, **ppo_extra(module))
+
+
+SCENARIOS = {
+    "sft": run_sft,
+    "rm": run_rm,
+    "ppo_fixed": run_ppo_fixed,
+    "ppo_resume": run_ppo_resume,
+    "grpo_fixed": lambda *args: run_critic_free_fixed(*args, advantage="grpo"),
+    "reinforce_pp_fixed": lambda *args: run_critic_free_fixed(*args, advantage="reinforce_pp"),
+}
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) against hand-worked values and
-plain-Python loop references.
+plain-Python loop references: as pure functions, and through `estimate_advantages` (step 4 as
+the module calls it: KL-penalised rewards, kl.mode reward / loss, whitening null resolution).
 
 Float64 checks differ from the references only by summation order and one sqrt / division per
 value on O(1) numbers, so they use atol 1e-12. The float32 GRPO check follows the shared rule:
@@ -12,11 +13,14 @@ from __future__ import annotations
 import math
 import statistics
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
-from rlhf_lightning.ppo.distributed import CrossRank
+from rlhf_lightning.ppo.advantages import estimate_advantages, gae, kl_penalised_rewards, whiten
+from rlhf_lightning.ppo.config import UpdateConfig, resolve_whitening
+from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 from rlhf_lightning.ppo.estimators import (
     broadcast_to_tokens,
     discounted_returns,
@@ -25,6 +29,10 @@ from rlhf_lightning.ppo.estimators import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from rlhf_lightning.ppo.logprobs import TokenStats
+from rlhf_lightning.ppo.rollout import Rollout
+from rlhf_lightning.ppo.running_moments import RunningMoments
+from rlhf_lightning.ppo.scoring import Scores
 
 TOL = 1e-12
 F64 = torch.float64
@@ -280,3 +288,124 @@ def test_reinforce_pp_normalises_over_every_rank():
     _close(got, expected)
     local = torch.cat([reinforce_pp_advantages(*s, gamma=0.9)[s[1].bool()] for s in shards])
     assert (local - expected).abs().max() > 1e-2  # a per-rank normalisation would differ
+
+
+# --- through estimate_advantages (step 4 as the module calls it) -------------------------------
+# Two prompts × k = 2, response lengths [3, 1, 2, 3], β = 0.5 (dyadic numbers: exact sums).
+# Sequence reward Σ_t r_t = shaped − β · Σ_t kl_t (9 = padding, ignored):
+#   row 0: 1 − 0.5·1 = 0.5    row 1: 3 − 0.5·0.5 = 2.75    (group 0)
+#   row 2: 2 − 0.5·0.5 = 1.75 row 3: 2 − 0.5·0.5 = 1.75    (group 1: tied after the KL → 0)
+
+STEP4_LENGTHS = [3, 1, 2, 3]
+STEP4_SHAPED = [1.0, 3.0, 2.0, 2.0]
+STEP4_KL = [[0.25, 0.5, 0.25], [0.5, 9.0, 9.0], [0.25, 0.25, 9.0], [0.125, 0.25, 0.125]]
+BETA = 0.5
+SIGMA_0 = 1.125 * math.sqrt(2) + 1e-6  # group 0's unbiased std of (0.5, 2.75) + GRPO's eps
+
+
+def _step4_inputs(values: torch.Tensor | None = None):
+    """Scores, TokenStats and Rollout of the hand-worked batch (float64)."""
+    mask = _mask(STEP4_LENGTHS, 3)
+    kl = torch.tensor(STEP4_KL, dtype=F64)
+    zeros = torch.zeros(4, 3, dtype=F64)
+    shaped = torch.tensor(STEP4_SHAPED, dtype=F64)
+    scores = Scores(["r"] * 4, shaped, shaped, torch.ones(4, dtype=torch.bool), None,
+                    RunningMoments())  # fmt: skip
+    stats = TokenStats(zeros, zeros, zeros, kl, values)
+    query = torch.ones(4, 2, dtype=torch.long)
+    rollout = Rollout(query, query, mask * 5, mask, ["p0", "p0", "p1", "p1"],
+                      group=torch.tensor([0, 0, 1, 1]))  # fmt: skip
+    return scores, stats, rollout
+
+
+def _step4(advantage: str, kl_coef: float = BETA, **update):
+    cfg = UpdateConfig(advantage=advantage, **update)
+    return estimate_advantages(*_step4_inputs(), cfg, kl_coef, LOCAL)
+
+
+def _per_row(values: list[float]) -> list[list[float]]:
+    """Sequence advantages broadcast over the valid tokens of the hand-worked batch."""
+    return [[v if t < n else 0.0 for t in range(3)] for v, n in zip(values, STEP4_LENGTHS)]
+
+
+# discounted returns (γ = 1) of the token rewards, with kl.mode reward and with β = 0
+RETURNS_REWARD = [[0.5, 0.625, 0.875], [2.75, 0, 0], [1.75, 1.875, 0], [1.75, 1.8125, 1.9375]]
+RETURNS_NO_KL = [[1.0, 1.0, 1.0], [3.0, 0, 0], [2.0, 2.0, 0], [2.0, 2.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    "advantage,update,kl_coef,expected",
+    [
+        # kl.mode reward: group 0 centred ±1.125 (σ = 1.125·√2), group 1 tied → exactly 0
+        ("grpo", {}, BETA, [-1.125 / SIGMA_0, 1.125 / SIGMA_0, 0, 0]),
+        ("grpo", {"scale_by_std": False}, BETA, [-1.125, 1.125, 0, 0]),
+        ("rloo", {}, BETA, [-2.25, 2.25, 0, 0]),
+        # kl.mode loss: the module passes β = 0, the sequence reward is the shaped score alone
+        ("grpo", {}, 0.0, [-1 / (math.sqrt(2) + 1e-6), 1 / (math.sqrt(2) + 1e-6), 0, 0]),
+        ("grpo", {"scale_by_std": False}, 0.0, [-1.0, 1.0, 0, 0]),
+        ("rloo", {}, 0.0, [-2.0, 2.0, 0, 0]),
+    ],
+)
+def test_estimate_advantages_group_estimators_hand_worked(advantage, update, kl_coef, expected):
+    adv = _step4(advantage, kl_coef, **update)
+    assert adv.kl_coef == kl_coef
+    seq = [s - kl_coef * sum(k[:n]) for s, k, n in zip(STEP4_SHAPED, STEP4_KL, STEP4_LENGTHS)]
+    _close(adv.rewards.sum(-1), seq)  # shaped − β · Σ kl over valid tokens
+    _close(adv.advantages, _per_row(expected))  # not whitened (null → off for critic-free)
+    _close(adv.returns, RETURNS_REWARD if kl_coef else RETURNS_NO_KL)
+
+
+@pytest.mark.parametrize("kl_coef,returns", [(BETA, RETURNS_REWARD), (0.0, RETURNS_NO_KL)])
+def test_estimate_advantages_reinforce_pp_hand_worked(kl_coef, returns):
+    valid = [v for row, n in zip(returns, STEP4_LENGTHS) for v in row[:n]]  # 9 tokens
+    mean, var = statistics.fmean(valid), statistics.variance(valid)  # Bessel-corrected
+    expected = [
+        [(v - mean) / math.sqrt(var + 1e-8) if t < n else 0.0 for t, v in enumerate(row)]
+        for row, n in zip(returns, STEP4_LENGTHS)
+    ]
+    adv = _step4("reinforce_pp", kl_coef)
+    _close(adv.advantages, expected)
+    _close(adv.returns, returns)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp"])
+def test_with_beta_zero_the_advantages_ignore_the_kl(advantage):
+    """kl.mode loss (β = 0): another KL changes nothing in step 4 (it acts in the loss)."""
+    scores, stats, rollout = _step4_inputs()
+    other = replace(stats, kl=stats.kl * 3 + 1)
+    cfg = UpdateConfig(advantage=advantage)
+    a = estimate_advantages(scores, stats, rollout, cfg, 0.0, LOCAL)
+    b = estimate_advantages(scores, other, rollout, cfg, 0.0, LOCAL)
+    assert torch.equal(a.advantages, b.advantages) and torch.equal(a.rewards, b.rewards)
+    c = estimate_advantages(scores, other, rollout, cfg, BETA, LOCAL)
+    assert not torch.equal(a.advantages, c.advantages)  # with β > 0 the KL counts
+
+
+@pytest.mark.parametrize(
+    "advantage,whiten_advantages,whitened",
+    [("gae", None, True), ("gae", False, False), ("grpo", None, False), ("grpo", True, True),
+     ("rloo", None, False), ("reinforce_pp", None, False), ("reinforce_pp", True, True)],
+)  # fmt: skip
+def test_whitening_null_is_on_for_gae_only(advantage, whiten_advantages, whitened):
+    cfg = UpdateConfig(advantage=advantage, whiten_advantages=whiten_advantages)
+    assert resolve_whitening(cfg) is whitened
+    values = torch.tensor(
+        [[0.5, 0.25, 0.0], [1.0, 0, 0], [0.0, 2.0, 0], [0.5, 0.5, 0.5]], dtype=F64
+    )
+    scores, stats, rollout = _step4_inputs(values if advantage == "gae" else None)
+    mask = rollout.response_mask
+    got = estimate_advantages(scores, stats, rollout, cfg, BETA, LOCAL).advantages
+    if advantage == "gae":
+        rewards = kl_penalised_rewards(scores.shaped, stats.kl, mask, BETA)
+        raw = gae(rewards, values, mask, cfg.gamma, cfg.lam)[0]
+    else:
+        raw = _step4(advantage, BETA).advantages
+    _close(got, whiten(raw, mask) if whitened else raw)
+    valid = got[mask.bool()]
+    if whitened:  # zero mean, unit (Bessel-corrected) variance over the 9 valid tokens
+        assert abs(float(valid.mean())) < 1e-9 and float(valid.var()) == pytest.approx(1, abs=1e-6)
+
+
+def test_gae_without_values_is_an_error():
+    with pytest.raises(ValueError, match="update.advantage: gae needs critic values"):
+        estimate_advantages(*_step4_inputs(None), UpdateConfig(advantage="gae"), BETA, LOCAL)
