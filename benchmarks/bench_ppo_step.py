@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_ppo_step --compare-trl
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_ppo_step --profile runs/ppo_profile
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_ppo_step --compare-trl --compare-ppo \
+        --advantage grpo --samples-per-prompt 4 --iterations 4          # issue #11 target
 
 Workload (defined once in `benchmarks/trl_ppo_baseline.py` and shared by both sides): a
 SmolLM2-135M-shaped policy with separate reference, reward and value models of the same shape,
@@ -11,7 +13,15 @@ model = an RM export of the random-init classifier, critic initialised from it, 
 copy of the policy). Reported per iteration (median over the iterations after a warm-up one):
 `rollout_s` (generation), `score_s` (reward model), `logprob_s` (old/reference log-probs and
 values), `update_s` (PPO epochs), `iteration_s` (wall time of the whole training step) and
-tokens/s (response tokens per second of iteration; `gen_tokens_per_s` per second of rollout).
+tokens/s (response tokens per second of iteration; `gen_tokens_per_s` per second of rollout),
+and `peak_rss_mb`, the peak resident set size of the process that ran the side.
+
+Critic-free estimators (issue #11): `--advantage grpo|rloo|reinforce_pp --samples-per-prompt k`
+runs our side with `critic.kind: none` on the same 8 rows per iteration: 8 / k prompts × k
+samples. Those prompts are the 8 / k longest of the PPO batch of the same iteration, so the
+padded query width (after our shared-left-padding trim) and hence every forward's shape equal the
+PPO run's. TRL keeps 8 prompts × 1. `--compare-ppo` also runs our PPO (`gae`, k = 1) in a
+subprocess and prints ours / our PPO peak RSS (target ≤ 0.7).
 
 `--compare-trl` first runs `trl_ppo_baseline.py` with the TRL interpreter (`--trl-python`, else
 `$RLHF_TRL_PYTHON`, else `.venv-trl/bin/python`; `--setup-trl` creates a missing one: see
@@ -30,7 +40,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +48,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import trl_env
-from benchmarks.results_io import append_csv, git_sha, utc_timestamp
+from benchmarks import ppo_sides, trl_env
+from benchmarks.ppo_sides import PHASES, fmt
+from benchmarks.results_io import git_sha, utc_timestamp
 from benchmarks.trl_ppo_baseline import (
     RESULTS,
     Workload,
@@ -56,16 +66,21 @@ from benchmarks.trl_ppo_baseline import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = RESULTS / "ppo_step.csv"
-PHASES = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
-def _prompt_batches(work: Workload, tokenizer, n_batches: int) -> list[dict]:
-    """`n_batches` PPO prompt batches in the datamodule's format (left-padded to prompt_width)."""
+def _prompt_batches(work: Workload, tokenizer, n_batches: int, samples: int = 1) -> list[dict]:
+    """`n_batches` prompt batches in the datamodule's format (left-padded to prompt_width): the
+    workload's batches of `batch_size` prompts; with `samples` = k per prompt, the batch_size / k
+    longest prompts of each (so the trimmed width, and the B·k rows the rollout makes, match)."""
     prompts = build_prompts(work, work.batch_size * n_batches)
+    per_batch = work.batch_size // samples
     batches = []
     for start in range(0, len(prompts), work.batch_size):
         rows = prompts[start : start + work.batch_size]
-        ids, mask = left_pad(rows, work.prompt_width)  # [B, P] each
+        longest = sorted(range(len(rows)), key=lambda i: -len(rows[i]))[:per_batch]
+        rows = [rows[i] for i in sorted(longest)]  # in workload order; all rows when k = 1
+        ids, mask = left_pad(rows, work.prompt_width)  # [B / k, P] each
         texts = [tokenizer.decode(r) for r in rows]
         batches.append(
             {
@@ -90,7 +105,7 @@ def _reward_export(work: Workload, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def _build_module(work: Workload, tokenizer, tmp: Path):
+def _build_module(work: Workload, tokenizer, tmp: Path, advantage: str, samples: int):
     from rlhf_lightning.models.loading import ModelSpec
     from rlhf_lightning.modules.common import OptimConfig
     from rlhf_lightning.modules.ppo import PPOModule
@@ -112,10 +127,15 @@ def _build_module(work: Workload, tokenizer, tmp: Path):
             max_new_tokens=work.new_tokens,
             min_new_tokens=work.new_tokens,
             temperature=work.temperature,
+            samples_per_prompt=samples,
         ),
         kl=KLConfig(coef=work.kl_coef, estimator="k1"),
-        update=UpdateConfig(ppo_epochs=work.ppo_epochs, num_minibatches=work.num_minibatches),
-        critic=CriticConfig(kind="reward_model"),
+        update=UpdateConfig(
+            ppo_epochs=work.ppo_epochs,
+            num_minibatches=work.num_minibatches,
+            advantage=advantage,
+        ),
+        critic=CriticConfig(kind="reward_model" if advantage == "gae" else "none"),
         monitor=MonitorConfig(sample_every=0, histogram_every=0),
         optim=OptimConfig(lr=work.lr),
         export_dir=str(tmp / "export"),
@@ -157,17 +177,36 @@ def _labelled_phases():
             setattr(mod, name, fn)
 
 
-def run_ours(work: Workload, profile_dir: Path | None = None) -> dict:
-    """Fit PPOModule for `work.iterations` (+1 profiled) iterations; per-iteration timings."""
+def _parameters_in_memory(models) -> dict:
+    """Millions of distinct parameters held by the `PPOModels` bundle (policy, reference, critic,
+    value head, reward model), and of trainable ones."""
+    modules = []
+    for value in vars(models).values():
+        candidates = [value, *vars(value).values()] if hasattr(value, "__dict__") else [value]
+        modules += [m for m in candidates if isinstance(m, torch.nn.Module)]
+    params = {id(p): p for m in modules for p in m.parameters()}
+    return {
+        "parameters_m": sum(p.numel() for p in params.values()) / 1e6,
+        "trainable_parameters_m": sum(p.numel() for p in params.values() if p.requires_grad) / 1e6,
+    }
+
+
+def run_ours(
+    work: Workload, profile_dir: Path | None = None, advantage: str = "gae", samples: int = 1
+) -> dict:
+    """Fit PPOModule for `work.iterations` (+1 profiled) iterations; per-iteration timings, the
+    parameters in memory and this process's peak RSS."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     tokenizer = build_tokenizer()
     tmp = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
     n_batches = work.iterations + (1 if profile_dir else 0)
-    loader = DataLoader(_prompt_batches(work, tokenizer, n_batches), batch_size=None)
+    batches = _prompt_batches(work, tokenizer, n_batches, samples)
+    loader = DataLoader(batches, batch_size=None)
     torch.manual_seed(work.seed)
-    module = _build_module(work, tokenizer, tmp)
+    module = _build_module(work, tokenizer, tmp, advantage, samples)
+    held: dict = {}
     per_iter: list[dict] = []
 
     class Clock(pl.Callback):
@@ -194,7 +233,8 @@ def run_ours(work: Workload, profile_dir: Path | None = None) -> dict:
             row = {"iteration_s": total, "iteration_cpu_s": cpu}
             row.update({k: perf[f"ppo/perf/{k}"] for k in PHASES[2:]})
             per_iter.append(row)
-            print(f"[ours] iteration {len(per_iter)}: " + _fmt(row), flush=True)
+            print(f"[ours] iteration {len(per_iter)}: " + fmt(row), flush=True)
+            held.update(_parameters_in_memory(pl_module.models))
 
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -213,99 +253,11 @@ def run_ours(work: Workload, profile_dir: Path | None = None) -> dict:
         del module, trainer
         gc.collect()
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"per_iteration": per_iter, **summarise(per_iter, work)}
+    peak = ppo_sides.self_peak_rss_mb()
+    return {"per_iteration": per_iter, **summarise(per_iter, work), **held, "peak_rss_mb": peak}
 
 
-def run_trl(work: Workload, python: str, out: Path) -> dict:
-    """Run `trl_ppo_baseline.py` in the TRL interpreter `python`; its JSON result."""
-    cmd = [
-        python,
-        str(ROOT / "benchmarks" / "trl_ppo_baseline.py"),
-        "--iterations",
-        str(work.iterations),
-        "--threads",
-        str(work.threads),
-        "--layers",
-        str(work.layers),
-        "--hidden",
-        str(work.hidden),
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    print("[trl] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
-    return json.loads(out.read_text())
-
-
-def _fmt(row: dict) -> str:
-    return " ".join(f"{k}={row[k]:.2f}" for k in PHASES if k in row)
-
-
-# Columns of ppo_step.csv (one row per implementation and run).
-CSV_FIELDS = (
-    "timestamp_utc",
-    "git_sha",
-    "impl",
-    "version",
-    "layers",
-    "hidden",
-    "batch_size",
-    "prompt_width",
-    "new_tokens",
-    "iterations",
-    "timed_iterations",
-    *PHASES,
-    "tokens_per_s",
-    "gen_tokens_per_s",
-    "ratio_vs_trl",
-    "cpu",
-    "cores",
-    "threads",
-    "loadavg_1m",
-    "torch",
-    "transformers",
-)
-
-
-def _row(result: dict, work: Workload, impl: str, version: str, ratio) -> dict:
-    row = {k: round(result[k], 4) for k in (*PHASES, "tokens_per_s", "gen_tokens_per_s")}
-    row.update({k: v for k, v in result["machine"].items()})
-    row.update(asdict(work))
-    row.update(
-        impl=impl,
-        version=version,
-        ratio_vs_trl=ratio,
-        timed_iterations=result["timed_iterations"],
-        timestamp_utc=utc_timestamp(),
-        git_sha=git_sha(ROOT),
-    )
-    return row
-
-
-def print_table(ours: dict, trl: dict | None) -> float | None:
-    """Side-by-side medians; returns ours/TRL iteration-time ratio (None without TRL)."""
-    print(
-        f"\n{'median seconds':<20}{'PPOModule':>12}"
-        + (f"{'TRL 1.12':>12}{'ratio':>9}" if trl else "")
-    )
-    for key in (*PHASES, "tokens_per_s", "gen_tokens_per_s"):
-        line = f"{key:<20}{ours[key]:>12.2f}"
-        if trl:
-            ratio = ours[key] / trl[key] if trl[key] else float("nan")
-            line += f"{trl[key]:>12.2f}{ratio:>9.2f}"
-        print(line)
-    if not trl:
-        return None
-    ratio = ours["iteration_s"] / trl["iteration_s"]
-    verdict = "met" if ratio <= 0.5 else "NOT met"
-    print(f"\nours / TRL iteration time = {ratio:.2f} (target ≤ 0.50: {verdict})")
-    cpu_ratio = ours["iteration_cpu_s"] / trl["iteration_cpu_s"]
-    print(f"ours / TRL iteration CPU time = {cpu_ratio:.2f} (less sensitive to other load)")
-    return ratio
-
-
-def main(argv: list[str] | None = None) -> dict:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=3, help="PPO iterations (1st = warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -315,35 +267,110 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--trl-json", type=Path, default=None, help="compare with a saved trl_ppo_baseline result"
     )
+    parser.add_argument(
+        "--advantage", choices=ADVANTAGES, default="gae", help="our update.advantage (gae = PPO)"
+    )
+    parser.add_argument(
+        "--samples-per-prompt", type=int, default=1, help="k; our run has batch_size / k prompts"
+    )
+    parser.add_argument(
+        "--compare-ppo", action="store_true", help="also run our PPO (gae, k=1) in a subprocess"
+    )
     parser.add_argument("--layers", type=int, default=30, help="smaller only for smoke tests")
     parser.add_argument("--hidden", type=int, default=576, help="smaller only for smoke tests")
     parser.add_argument("--no-csv", action="store_true", help="do not append to ppo_step.csv")
-    ns = parser.parse_args(argv)
+    parser.add_argument(
+        "--out-json", type=Path, default=None, help="summary path (default: benchmarks/results/)"
+    )
+    return parser.parse_args(argv)
+
+
+def _check_estimator(work: Workload, advantage: str, samples: int) -> None:
+    """One-line errors for an estimator / k that the workload or PPOModule cannot run."""
+    from rlhf_lightning.ppo.config import GenerationConfig, UpdateConfig, check_groups
+
+    if samples < 1 or work.batch_size % samples:
+        raise SystemExit(
+            f"--samples-per-prompt {samples}: must divide the workload's {work.batch_size} rows "
+            "per iteration (benchmarks/trl_ppo_baseline.py: Workload.batch_size)"
+        )
+    try:
+        check_groups(
+            GenerationConfig(samples_per_prompt=samples), UpdateConfig(advantage=advantage)
+        )
+    except ValueError as err:
+        raise SystemExit(f"--advantage {advantage} --samples-per-prompt {samples}: {err}") from None
+
+
+def _write_csv(work: Workload, sides: dict, ratios: dict) -> None:
+    """Rows of ours, our PPO and TRL (those that ran) appended to ppo_step.csv."""
+    import rlhf_lightning
+
+    version = getattr(rlhf_lightning, "__version__", "dev")
+    trl, ppo, ours = sides.get("trl"), sides.get("ppo"), sides["ours"]
+
+    def vs_trl(side: dict):
+        return round(side["iteration_s"] / trl["iteration_s"], 3) if trl else ""
+
+    rss = ratios["rss_ratio_vs_ppo"]
+    est = {"advantage": ours["advantage"], "samples_per_prompt": ours["samples_per_prompt"]}
+    rows = [
+        ppo_sides.csv_row(
+            ours,
+            work,
+            "rlhf_lightning",
+            version,
+            ratio_vs_trl=vs_trl(ours),
+            rss_ratio_vs_ppo=round(rss, 3) if rss else "",
+            **est,
+        )
+    ]
+    gae = {"advantage": "gae", "samples_per_prompt": 1}
+    if ppo:
+        rows.append(
+            ppo_sides.csv_row(ppo, work, "rlhf_lightning", version, **gae, ratio_vs_trl=vs_trl(ppo))
+        )
+    if trl:
+        rows.append(ppo_sides.csv_row(trl, work, "trl", trl.get("trl", "1.12.0"), **gae))
+    ppo_sides.append_rows(
+        CSV_PATH, rows, {"timestamp_utc": utc_timestamp(), "git_sha": git_sha(ROOT)}
+    )
+    print(f"appended {len(rows)} row(s) to {CSV_PATH}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ns = _parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Workload.from_cli(ns.iterations, ns.threads, ns.layers, ns.hidden)
+    advantage, samples = ns.advantage, ns.samples_per_prompt
+    _check_estimator(work, advantage, samples)
     torch.set_num_threads(work.threads)
     smoke = ns.layers != 30 or ns.hidden != 576
+    plain_ppo = advantage == "gae" and samples == 1
+    tag = ("" if plain_ppo else f"_{advantage}_k{samples}") + ("_smoke" if smoke else "")
     warn_if_loaded("iteration times")
-    trl = json.loads(ns.trl_json.read_text()) if ns.trl_json else None
-    if ns.compare_trl:
-        python = trl_env.resolve_trl_python(ns.trl_python, setup=ns.setup_trl)
-        trl = run_trl(work, python, RESULTS / ("trl_ppo_smoke.json" if smoke else "trl_ppo.json"))
-    machine = machine_info()
-    ours = {"impl": "ours", "workload": asdict(work), "machine": machine}
-    ours.update(run_ours(work, ns.profile))
-    ratio = print_table(ours, trl)
+    sides: dict = {"trl": json.loads(ns.trl_json.read_text()) if ns.trl_json else None}
+    with tempfile.TemporaryDirectory(prefix="bench_sides_") as scratch:
+        if ns.compare_trl:
+            python = trl_env.resolve_trl_python(ns.trl_python, setup=ns.setup_trl)
+            # the issue-#5 run keeps its TRL result file; other runs embed TRL's in their summary
+            trl_out = RESULTS / ("trl_ppo_smoke.json" if smoke else "trl_ppo.json")
+            trl_out = trl_out if plain_ppo else Path(scratch) / "trl.json"
+            sides["trl"] = ppo_sides.run_trl(work, python, trl_out)
+        if ns.compare_ppo:
+            sides["ppo"] = ppo_sides.run_our_ppo(work, Path(scratch) / "ppo.json")
+    ours = {"impl": "ours", "workload": asdict(work), "machine": machine_info()}
+    ours.update(advantage=advantage, samples_per_prompt=samples, prompts=work.batch_size // samples)
+    ours.update(run_ours(work, ns.profile, advantage, samples))
+    sides["ours"] = ours
+    label = "PPOModule" if plain_ppo else f"{advantage} k={samples}"
+    named = [(label, ours), ("our PPO", sides.get("ppo")), ("TRL 1.12 PPO", sides["trl"])]
+    ratios = ppo_sides.print_table([(name, side) for name, side in named if side])
     if not ns.no_csv:
-        import rlhf_lightning
-
-        version = getattr(rlhf_lightning, "__version__", "dev")
-        rows = [_row(ours, work, "rlhf_lightning", version, round(ratio, 3) if ratio else "")]
-        if trl:
-            rows.append(_row(trl, work, "trl", trl.get("trl", "1.12.0"), ""))
-        append_csv(CSV_PATH, rows, CSV_FIELDS)
-        print(f"appended {len(rows)} row(s) to {CSV_PATH}")
-    summary = {"ours": ours, "trl": trl, "ratio_iteration_s": ratio}
-    name = "ppo_step_smoke.json" if smoke else "ppo_step.json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_csv(work, sides, ratios)
+    summary = {**sides, **ratios}
+    out = ns.out_json or RESULTS / f"ppo_step{tag}.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -1,0 +1,179 @@
+"""The sides of the PPO-iteration benchmark (`bench_ppo_step.py`): processes, peak RSS, table, CSV.
+
+Every side that is compared for memory runs in a process of its own, and its peak resident set
+size is that process's `ru_maxrss`: from `os.wait4` for a subprocess (TRL 1.12 in the TRL venv;
+our PPO when a critic-free run is compared with it) and from `getrusage(RUSAGE_SELF)` for the
+side that runs in the benchmark's own process. `ru_maxrss` of a waited child covers that child
+(and any descendant it waited for), never the parent, so the numbers of different sides do not
+mix. Reference: getrusage(2), wait4(2) (Linux: `ru_maxrss` in KiB).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
+RSS_TARGET = 0.7
+"""Issue #11: a critic-free iteration's peak RSS ≤ 0.7 × our PPO's."""
+TIME_TARGET = 0.5
+"""Issues #5 and #11: our iteration ≤ 0.5 × the TRL 1.12 PPO iteration."""
+
+RATIO_HEADS = {"our PPO": "ours/PPO", "TRL 1.12 PPO": "ours/TRL"}
+"""Column heads of the ratios ours / side in the printed table."""
+
+# Columns of ppo_step.csv (one row per implementation and run).
+CSV_FIELDS = (
+    "timestamp_utc",
+    "git_sha",
+    "impl",
+    "version",
+    "layers",
+    "hidden",
+    "batch_size",
+    "prompt_width",
+    "new_tokens",
+    "iterations",
+    "timed_iterations",
+    *PHASES,
+    "tokens_per_s",
+    "gen_tokens_per_s",
+    "ratio_vs_trl",
+    "cpu",
+    "cores",
+    "threads",
+    "loadavg_1m",
+    "torch",
+    "transformers",
+    "advantage",
+    "samples_per_prompt",
+    "peak_rss_mb",
+    "rss_ratio_vs_ppo",
+)
+
+
+def self_peak_rss_mb() -> float:
+    """Peak RSS of this process so far, MiB (Linux `ru_maxrss` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> float:
+    """Run `cmd` to completion; its peak RSS in MiB (from `os.wait4`). Raises on a non-zero exit."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_maxrss / 1024
+
+
+def _size_flags(work) -> list[str]:
+    return [
+        "--iterations",
+        str(work.iterations),
+        "--threads",
+        str(work.threads),
+        "--layers",
+        str(work.layers),
+        "--hidden",
+        str(work.hidden),
+    ]
+
+
+def run_trl(work, python: str, out: Path) -> dict:
+    """`trl_ppo_baseline.py` (8 prompts × 1 sample) in the TRL interpreter; its JSON + peak RSS."""
+    cmd = [python, str(ROOT / "benchmarks" / "trl_ppo_baseline.py"), *_size_flags(work)]
+    cmd += ["--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    print("[trl] " + " ".join(cmd), flush=True)
+    peak = run_measured(cmd, env)
+    return {**json.loads(out.read_text()), "peak_rss_mb": peak}
+
+
+def run_our_ppo(work, out: Path) -> dict:
+    """Our PPO (`gae`, critic from the RM, 1 sample per prompt) in a subprocess of this benchmark;
+    its result JSON, with the peak RSS that `os.wait4` reports for that process."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_ppo_step", *_size_flags(work)]
+    cmd += ["--advantage", "gae", "--samples-per-prompt", "1", "--no-csv", "--out-json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    print("[ppo] " + " ".join(cmd), flush=True)
+    peak = run_measured(cmd, env)
+    return {**json.loads(out.read_text())["ours"], "peak_rss_mb": peak}
+
+
+def fmt(row: dict) -> str:
+    """One iteration's phases as `key=seconds` pairs."""
+    return " ".join(f"{k}={row[k]:.2f}" for k in PHASES if k in row)
+
+
+def print_table(sides: list[tuple[str, dict]]) -> dict:
+    """Medians of `sides` ([(label, result)], ours first) with ours / each other side; returns
+    {"ratio_iteration_s": ours/TRL or None, "rss_ratio_vs_ppo": ours/our PPO or None}."""
+    (_, ours), others = sides[0], sides[1:]
+    head = f"\n{'median':<20}" + "".join(f"{label:>14}" for label, _ in sides)
+    print(head + "".join(f"{RATIO_HEADS.get(label, 'ours/' + label):>12}" for label, _ in others))
+    for key in (*PHASES, "tokens_per_s", "gen_tokens_per_s", "peak_rss_mb"):
+        if not all(key in side for _, side in sides):
+            continue
+        line = f"{key:<20}" + "".join(f"{side[key]:>14.2f}" for _, side in sides)
+        for _, other in others:
+            line += f"{ours[key] / other[key] if other[key] else float('nan'):>12.2f}"
+        print(line)
+    found = dict(others)
+    trl, ppo = found.get("TRL 1.12 PPO"), found.get("our PPO")
+    out = {"ratio_iteration_s": None, "rss_ratio_vs_ppo": None}
+    if trl:
+        ratio = out["ratio_iteration_s"] = ours["iteration_s"] / trl["iteration_s"]
+        verdict = "met" if ratio <= TIME_TARGET else "NOT met"
+        print(f"\nours / TRL iteration time = {ratio:.2f} (target ≤ {TIME_TARGET:.2f}: {verdict})")
+        cpu_ratio = ours["iteration_cpu_s"] / trl["iteration_cpu_s"]
+        print(f"ours / TRL iteration CPU time = {cpu_ratio:.2f} (less sensitive to other load)")
+    if ppo:
+        rss = out["rss_ratio_vs_ppo"] = ours["peak_rss_mb"] / ppo["peak_rss_mb"]
+        verdict = "met" if rss <= RSS_TARGET else "NOT met"
+        print(f"ours / our PPO peak RSS = {rss:.2f} (target ≤ {RSS_TARGET:.2f}: {verdict})")
+        time_vs_ppo = ours["iteration_s"] / ppo["iteration_s"]
+        print(f"ours / our PPO iteration time = {time_vs_ppo:.2f}")
+    return out
+
+
+def csv_row(result: dict, work, impl: str, version: str, **extra) -> dict:
+    """One `ppo_step.csv` row of a side's `result` (phases rounded; workload and machine)."""
+    keys = (*PHASES, "tokens_per_s", "gen_tokens_per_s", "peak_rss_mb")
+    row = {k: round(result[k], 4) for k in keys if k in result}
+    row.update(result["machine"])
+    row.update(asdict(work))
+    row.update(impl=impl, version=version, timed_iterations=result["timed_iterations"], **extra)
+    return row
+
+
+def append_rows(path: Path, rows: list[dict], stamp: dict) -> None:
+    """Append `rows` (each updated with `stamp`: time, git sha) to the CSV at `path`; a file with
+    an older header (a prefix of `CSV_FIELDS`) is rewritten first with the new columns empty."""
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            old = list(reader)
+            fields = tuple(reader.fieldnames or ())
+        if fields != CSV_FIELDS:
+            if CSV_FIELDS[: len(fields)] != fields:
+                raise SystemExit(f"{path}: unexpected header {fields}; move the file aside")
+            _write(path, old, "w")
+    _write(path, [{**row, **stamp} for row in rows], "a")
+
+
+def _write(path: Path, rows: list[dict], mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = mode == "w" or not path.exists()
+    with path.open(mode, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, restval="", extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,73 @@
+"""The PPO-iteration benchmark's bookkeeping (`benchmarks/bench_ppo_step.py`, `ppo_sides.py`):
+grouped prompt batches keep the PPO workload's shapes, per-process peak RSS comes from the child,
+and `ppo_step.csv` gains the new columns without losing old rows. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `benchmarks` is not installed
+
+from benchmarks import ppo_sides  # noqa: E402
+from benchmarks.bench_ppo_step import _prompt_batches  # noqa: E402
+from benchmarks.trl_ppo_baseline import Workload, build_tokenizer  # noqa: E402
+from rlhf_lightning.ppo.rollout import PromptBatch, trim_left_padding  # noqa: E402
+
+
+@pytest.mark.parametrize("samples", [2, 4])
+def test_grouped_batches_match_ppo_rows_and_width(samples):
+    work = Workload(iterations=3)
+    tokenizer = build_tokenizer()
+    plain = _prompt_batches(work, tokenizer, 3)
+    grouped = _prompt_batches(work, tokenizer, 3, samples)
+    for ppo_batch, group_batch in zip(plain, grouped, strict=True):
+        repeated, group = PromptBatch.from_batch(group_batch).repeat(samples)
+        ids, _ = trim_left_padding(repeated.input_ids, repeated.attention_mask)
+        ppo_ids, _ = trim_left_padding(ppo_batch["input_ids"], ppo_batch["attention_mask"])
+        assert ids.shape == ppo_ids.shape  # same rows per iteration and same trimmed width
+        assert group.tolist() == [
+            g for g in range(work.batch_size // samples) for _ in range(samples)
+        ]
+        # the grouped prompts are prompts of the same PPO batch
+        ppo_rows = {tuple(r) for r in ppo_batch["input_ids"].tolist()}
+        assert {tuple(r) for r in group_batch["input_ids"].tolist()} <= ppo_rows
+
+
+def test_run_measured_reports_the_child_peak_and_fails_loudly():
+    size_mb = 300
+    code = f"b = bytearray({size_mb} * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    peak = ppo_sides.run_measured([sys.executable, "-c", code])
+    assert peak >= size_mb
+    assert ppo_sides.self_peak_rss_mb() > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        ppo_sides.run_measured([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_append_rows_upgrades_an_old_header(tmp_path):
+    path = tmp_path / "ppo_step.csv"
+    old_fields = ppo_sides.CSV_FIELDS[:-4]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({"impl": "trl", "iteration_s": 1.5})
+    ppo_sides.append_rows(path, [{"impl": "rlhf_lightning", "peak_rss_mb": 12.0}], {"git_sha": "x"})
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == ppo_sides.CSV_FIELDS
+    assert [r["impl"] for r in rows] == ["trl", "rlhf_lightning"]
+    assert rows[0]["iteration_s"] == "1.5" and rows[0]["peak_rss_mb"] == ""
+    assert rows[1]["peak_rss_mb"] == "12.0" and rows[1]["git_sha"] == "x"
+
+
+def test_append_rows_refuses_a_foreign_header(tmp_path):
+    path = tmp_path / "ppo_step.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="unexpected header"):
+        ppo_sides.append_rows(path, [{"impl": "x"}], {})
