@@ -8,7 +8,7 @@ PIP_CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c con
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-all lint format bench clean
+.PHONY: setup quickstart recipe test test-all lint format bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 ## Main job: the embedded quickstart pipeline (offline, CPU).
 quickstart: setup
 	$(PY) -m rlhf_lightning.tasks.quickstart --out runs/quickstart
+
+## Real-model recipe: SmolLM2-135M-Instruct (GGUF) on Anthropic HH, proxy/gold RMs, PPO, GRPO,
+## `rlhf evaluate` (docs/recipe.md; about an hour on a 2-core CPU; needs ../shared/data/hh-rlhf).
+recipe: setup
+	$(PY) -m rlhf_lightning.tasks.recipe --out runs/recipe
 
 ## Test suite (slow real-model tests included but bounded; they skip when material is absent).
 test: setup

@@ -25,6 +25,9 @@ KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.\-/]*\s*:(\s|$)")
 OVERLAYS = {
     f"quickstart/{name}.yaml": "quickstart/ppo.yaml"
     for name in ("ppo_overopt", "grpo", "rloo", "reinforce_pp")
+} | {
+    "smollm2/reward_gold.yaml": "smollm2/reward_proxy.yaml",
+    "smollm2/grpo_hh.yaml": "smollm2/ppo_hh.yaml",
 }
 
 

@@ -34,6 +34,7 @@ from .sources import (
     DataSource,
     memory_rows,
     no_usable_records,
+    partition_of,
     read_rows,
     rows_name,
     split_indices,
@@ -166,27 +167,40 @@ class RLHFDataModule(pl.LightningDataModule):
     def _parse(self, kind: str, source: DataSource, rows, name: str) -> tuple[list, dict[str, int]]:
         """Parse rows; bad rows raise, or are counted and warned about with on_invalid=skip.
 
+        With `source.partition`, records of the other parts are dropped and counted
+        (`other_parts`), and `source.limit` counts the records kept.
+
         A source left without records (empty, or every row skipped) raises, naming it (`name`).
         """
-        out, errors, n_rows = [], [], 0
-        for where, raw in take(rows, source.limit):
+        out, errors, n_rows, other_parts = [], [], 0, 0
+        part = source.partition
+        for where, raw in take(rows, None if part else source.limit):
+            if part and source.limit is not None and len(out) >= source.limit:
+                break
             n_rows += 1
             try:
                 if isinstance(raw, RecordError):
                     raise raw
-                out.append(parse_record(raw, kind, where, source.fields))
+                record = parse_record(raw, kind, where, source.fields)
             except RecordError as err:
                 if source.on_invalid == "raise":
                     raise
                 errors.append(str(err))
+                continue
+            if part and partition_of(record.prompt, part) != part.keep:
+                other_parts += 1
+            else:
+                out.append(record)
         if not out:
-            raise no_usable_records(name, n_rows, errors)
+            name = f"{name} (partition part {part.keep!r})" if part and other_parts else name
+            raise no_usable_records(name, n_rows - other_parts, errors)
         if errors:
             first = "; ".join(errors[:3])
             rank_zero_warn(
                 f"{kind}: skipped {len(errors)} of {n_rows} malformed rows, e.g. {first}"
             )
-        return out, {"rows": n_rows, "invalid": len(errors)}
+        read = {"rows": n_rows, "invalid": len(errors)}
+        return out, ({**read, "other_parts": other_parts} if part else read)
 
     def _rows(self, source: DataSource, path: str | None, split: str):
         if path is None:

@@ -22,6 +22,7 @@ References: Hugging Face `datasets.load_dataset` / `load_from_disk`
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import random
@@ -35,6 +36,51 @@ from .records import RecordError
 FILE_TYPES = (".json", ".jsonl", ".parquet")
 _ALIASES = {".ndjson": ".jsonl"}
 Row = tuple[str, Any]  # (location, raw row)
+
+
+@dataclass
+class Partition:
+    """A seeded split of a file's records into disjoint named parts, by prompt.
+
+    Each record goes to one part by a hash of (`seed`, its prompt's chat messages): the same
+    prompt always lands in the same part, whatever the file order, `limit`, record kind
+    (preference / prompt) or the other rows, so two sources reading the same file with different
+    `keep` never share a prompt. Part sizes follow `parts` in expectation (hash, not a shuffle).
+    """
+
+    parts: dict[str, float]
+    """Part name → weight (> 0), e.g. `{proxy: 0.45, gold: 0.45, held_out: 0.10}`; weights are
+    normalised to fractions of the records."""
+    keep: str
+    """The part this source reads; records of the other parts are dropped (counted in stats)."""
+    seed: int = 0
+    """Seed of the hash; the same seed gives the same parts."""
+
+    def __post_init__(self):
+        if not self.parts or any(w <= 0 for w in self.parts.values()):
+            raise ValueError(f"DataSource.partition.parts: weights must be > 0 (got {self.parts})")
+        if self.keep not in self.parts:
+            raise ValueError(
+                f"DataSource.partition.keep: {self.keep!r} is not a part "
+                f"(parts: {', '.join(self.parts)})"
+            )
+
+
+def partition_of(prompt: list[dict], partition: Partition) -> str:
+    """The part of `partition` that a record with this prompt (chat messages) belongs to.
+
+    u = first 8 bytes of sha256("<seed>\\n<prompt as sorted-key JSON>") / 2^64 ∈ [0, 1); the part
+    is the first whose cumulative normalised weight exceeds u (in the order of `parts`).
+    """
+    key = f"{partition.seed}\n{json.dumps(prompt, sort_keys=True, ensure_ascii=False)}"
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    total = sum(partition.parts.values())
+    cumulative = 0.0
+    for name, weight in partition.parts.items():
+        cumulative += weight / total
+        if u < cumulative:
+            return name
+    return name  # u within rounding of 1.0: the last part
 
 
 @dataclass
@@ -57,6 +103,8 @@ class DataSource:
             {"prompt": "question", "response": "answer"}; unmapped fields keep their names.
         on_invalid: "raise" (default) stops at the first malformed row with a file:line error;
             "skip" drops malformed rows, counts them in `stats` and warns with the first few.
+        partition: read only one part of a seeded, prompt-disjoint split of the records
+            (`Partition`); `limit` then counts the records kept, and `val_fraction` splits them.
     """
 
     path: str | None = None
@@ -69,6 +117,7 @@ class DataSource:
     val_split: str | None = None
     fields: dict[str, str] | None = None
     on_invalid: str = "raise"
+    partition: Partition | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.records is None):

@@ -166,3 +166,62 @@ def test_split_edge_cases():
     assert len(split_indices(5, 0.01, 0)[1]) == 1  # a positive fraction holds out at least one
     assert split_indices(1, 0.5, 0) == ([0], [])  # never empties train
     assert len(split_indices(3, 0.9, 0)[0]) == 1
+
+
+def _hh_rows(n: int) -> list[dict]:
+    """n HH-style transcripts with distinct prompts (`chosen`/`rejected` strings)."""
+    return [
+        {
+            "chosen": f"\n\nHuman: question {i}?\n\nAssistant: good answer {i}",
+            "rejected": f"\n\nHuman: question {i}?\n\nAssistant: bad answer {i}",
+        }
+        for i in range(n)
+    ]
+
+
+def test_partition_parts_are_disjoint_cover_the_file_and_agree_across_kinds():
+    from rlhf_lightning.data.datamodule import RLHFDataModule
+    from rlhf_lightning.data.sources import Partition
+
+    rows = _hh_rows(300)
+    weights = {"proxy": 0.45, "gold": 0.45, "held_out": 0.10}
+
+    def prompts(kind: str, keep: str, seed: int = 0) -> list[str]:
+        part = Partition(parts=weights, keep=keep, seed=seed)
+        source = DataSource(records=rows, val_fraction=0.0, partition=part)
+        dm = RLHFDataModule(tokenizer="unused", **{f"{kind}s": source})
+        return [r.prompt[-1]["content"] for r in dm.records(kind)]
+
+    parts = {keep: prompts("preference", keep) for keep in weights}
+    assert sum(len(p) for p in parts.values()) == len(rows)  # every record in exactly one part
+    assert not set(parts["proxy"]) & set(parts["gold"])
+    assert not set(parts["held_out"]) & (set(parts["proxy"]) | set(parts["gold"]))
+    assert prompts("prompt", "held_out") == parts["held_out"]  # same rule for prompt records
+    assert min(len(parts["proxy"]), len(parts["gold"])) > 3 * len(parts["held_out"]) > 0
+    assert prompts("preference", "proxy", seed=1) != parts["proxy"]  # the seed matters
+
+
+def test_partition_does_not_depend_on_file_order_and_limit_counts_kept_records():
+    from rlhf_lightning.data.datamodule import RLHFDataModule
+    from rlhf_lightning.data.sources import Partition
+
+    rows = _hh_rows(200)
+    part = Partition(parts={"a": 1.0, "b": 1.0}, keep="b", seed=3)
+
+    def kept(records, limit=None) -> list[str]:
+        source = DataSource(records=records, val_fraction=0.0, partition=part, limit=limit)
+        dm = RLHFDataModule(tokenizer="unused", prompts=source)
+        return [r.prompt[-1]["content"] for r in dm.records("prompt")]
+
+    forward = kept(rows)
+    assert sorted(kept(rows[::-1])) == sorted(forward)
+    assert kept(rows, limit=5) == forward[:5]
+
+
+def test_partition_rejects_unknown_part_and_bad_weights():
+    from rlhf_lightning.data.sources import Partition
+
+    with pytest.raises(ValueError, match="partition.keep: 'c' is not a part"):
+        Partition(parts={"a": 1.0, "b": 1.0}, keep="c")
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        Partition(parts={"a": 1.0, "b": 0.0}, keep="a")
