@@ -28,15 +28,16 @@ def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def trunk_hidden(
-    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, forward=None
 ) -> torch.Tensor:
     """Last hidden states Float[B, T, H] of a transformer trunk (`last_hidden_state`) for ids /
-    mask Long[B, T], with positions counted over attended tokens and no KV cache.
+    mask Long[B, T], with positions counted over attended tokens and no KV cache. `forward` is
+    what to call instead of `trunk` (e.g. its `torch.compile` wrapper).
 
     The mask is always passed with the positions: transformers reads packed sequences from
     `position_ids` only when the mask is None.
     """
-    return trunk(
+    return (trunk if forward is None else forward)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
@@ -50,14 +51,18 @@ def scalar_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_scores(
-    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    trunk: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    forward=None,
 ) -> torch.Tensor:
     """Scalar score per row, read at its last attended token: ids/mask Long[B, T] → Float[B].
 
     Only the hidden state of that token goes through the head, so padding side and pad id do
-    not matter.
+    not matter. `forward`: what to call instead of `trunk` (see `trunk_hidden`).
     """
-    hidden = trunk_hidden(trunk, input_ids, attention_mask)  # [B, T, H]
+    hidden = trunk_hidden(trunk, input_ids, attention_mask, forward)  # [B, T, H]
     return scalar_head(head, gather_last(hidden, attention_mask))  # [B]
 
 

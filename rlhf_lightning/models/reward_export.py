@@ -53,14 +53,15 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def score_rows(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, forward=None
 ) -> torch.Tensor:
     """Scalar reward per row of a sequence classifier, read at the last attended token.
 
-    ids/mask Long[R, T] → Float[R]; any padding side (see `heads.last_token_scores`).
+    ids/mask Long[R, T] → Float[R]; any padding side (see `heads.last_token_scores`). `forward`:
+    what to call instead of the backbone (e.g. its `torch.compile` wrapper).
     """
     backbone, head = backbone_and_head(model)
-    return last_token_scores(backbone, head, input_ids, attention_mask)  # [R]
+    return last_token_scores(backbone, head, input_ids, attention_mask, forward)  # [R]
 
 
 @torch.no_grad()

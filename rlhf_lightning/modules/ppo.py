@@ -45,8 +45,10 @@ from rlhf_lightning.modules.common import (
 from rlhf_lightning.modules.lightning_ops import LightningOps
 from rlhf_lightning.ppo import advantages, generation, logprobs, scoring, update
 from rlhf_lightning.ppo.build import ModelSpecs, build_models
+from rlhf_lightning.ppo.compile import compile_roles, compile_tags, configure_forwards
 from rlhf_lightning.ppo.config import (
     KL_ESTIMATORS,
+    ComputeConfig,
     CriticConfig,
     GenerationConfig,
     KLConfig,
@@ -105,6 +107,7 @@ class PPOModule(StageModule):
         critic: CriticConfig | None = None,
         monitor: MonitorConfig | None = None,
         optim: OptimConfig | None = None,
+        compute: ComputeConfig | None = None,
         reference_spec: ModelSpec | None = None,
         export_dir: str | None = None,
     ):
@@ -121,6 +124,8 @@ class PPOModule(StageModule):
                 for the critic-free estimators).
             monitor: sample tables, histograms, reward-hacking and collapse warnings.
             optim: AdamW + warmup/cosine for the policy (the critic uses it with `critic.lr`).
+            compute: how the forwards run (k > 1 groups packed; optional `torch.compile` per
+                role); results equal up to float32 rounding (`ppo.compile`, `ppo.packing`).
             reference_spec: explicit reference model; null = frozen copy of the initial policy
                 (or the base weights with adapters disabled for a LoRA policy).
             export_dir: where the final policy is written with `save_pretrained`; null =
@@ -138,6 +143,8 @@ class PPOModule(StageModule):
         self.update_cfg = coerce_config(UpdateConfig, update)
         self.critic_cfg = coerce_config(CriticConfig, critic)
         self.monitor_cfg = coerce_config(MonitorConfig, monitor)
+        self.compute_cfg = coerce_config(ComputeConfig, compute)
+        compile_roles(self.compute_cfg)  # unknown roles fail here, as one line
         self.optim = coerce_config(OptimConfig, optim)
         self.export_dir = export_dir
         self.save_plain_hparams()
@@ -187,6 +194,7 @@ class PPOModule(StageModule):
         self.policy, self.reference = models.policy, models.reference
         self.reward_model = getattr(models.reward, "model", None)
         self.critic, self.value_head = models.critic, models.value_head
+        configure_forwards(models, self.compute_cfg, self.generation_cfg.samples_per_prompt)
 
     def configure_optimizers(self):
         """Policy (+ shared value head) optimizer and, with a separate critic, a critic optimizer."""
@@ -281,7 +289,7 @@ class PPOModule(StageModule):
         for message in report.warnings:
             self.warnings.append(message)
             rank_zero_warn(message)
-        tags = stats.to_tags()
+        tags = {**stats.to_tags(), **compile_tags()}
         self.log_dict(tags, on_step=True, on_epoch=False, batch_size=len(rollout))
         m = self.monitor_cfg
         if self.logger is not None:

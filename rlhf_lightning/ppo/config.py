@@ -2,7 +2,7 @@
 
 Groups: `GenerationConfig` (rollout sampling), `RewardConfig` (scoring and shaping),
 `KLConfig` (penalty and controller), `UpdateConfig` (the optimisation loop), `CriticConfig`,
-`MonitorConfig` (logging and reward-hacking checks).
+`MonitorConfig` (logging and reward-hacking checks), `ComputeConfig` (group packing, torch.compile).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
 """`update.loss_aggregation` choices (`ppo.losses.token_weights`)."""
 CRITIC_KINDS = ("auto", "reward_model", "policy_copy", "value_head", "none")
+COMPILE_ROLES = ("policy", "reference", "critic", "reward")
+"""Model roles that `compute.compile` may name."""
 
 
 @dataclass
@@ -188,6 +190,27 @@ class MonitorConfig:
     """Warn when distinct-n falls below this fraction of its first value."""
     max_repeat: float = 0.5
     """Warn when the repeated-n-gram fraction exceeds this."""
+
+
+@dataclass
+class ComputeConfig:
+    """How the forward passes run (`ppo.compile`, `ppo.packing`); every choice gives the same
+    results up to float32 rounding."""
+
+    pack_groups: bool = True
+    """With `generation.samples_per_prompt` > 1, compute each group's shared prompt once: its k
+    rows run as one packed row with a 4-D mask in the reference, critic, reward-model and update
+    forwards, and the LM head only at response positions. Checked on each model at start (padded,
+    with a warning, where packed ≠ padded). No effect with k = 1 (nothing is shared)."""
+    compile: bool | list[str] = False
+    """`torch.compile` the training and scoring forwards of these roles (`policy`, `reference`,
+    `critic`, `reward`), or of all (true); `generate` stays eager. The first iterations include the
+    compile time (logged as `ppo/perf/compile_s`, graphs as `ppo/perf/compiled_graphs`)."""
+    compile_dynamic: bool = True
+    """Compile with dynamic shapes, so new prompt / response lengths reuse the graph instead of
+    recompiling (false: one graph per shape, each compiled on first use)."""
+    compile_mode: str | None = None
+    """`torch.compile` mode (null = the default; e.g. `max-autotune-no-cudagraphs`)."""
 
 
 def resolve_critic_kind(kind: str, advantage: str, has_reward_model: bool) -> str:

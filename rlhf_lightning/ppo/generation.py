@@ -5,6 +5,12 @@ samples with Hugging Face `generate` (KV cache, eval mode, micro-batches) and re
 `Rollout`. With `sampler_logprobs`, π_old and its entropy are reduced from the logits `generate`
 computes anyway (`SampledLogprobs`), so step 3 needs no policy forward.
 
+`generation.min_new_tokens` is applied by `SuppressEOS` (EOS logits set to −inf with one
+`index_fill`), not by transformers' `MinNewTokensLengthLogitsProcessor`, which rebuilds an
+`arange` + `isin` mask over the whole vocabulary at every step (0.35 ms vs 0.03 ms per step on
+[8, 49152] logits, 2 CPU threads: ~10 ms per 32-token rollout). Both run before the temperature /
+top-k / top-p warpers, so the sampled distribution and the random draws are the same.
+
 References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (EOS handling,
 temperature-consistent log-probs); TRL's `PPOTrainer` (log-probs from the sampler's logits).
 """
@@ -18,21 +24,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf_lightning.kernels import token_stats
 from rlhf_lightning.models.masks import response_mask
 from rlhf_lightning.ppo.config import GenerationConfig
 from rlhf_lightning.ppo.rollout import PromptBatch, Rollout, SampledLogprobs, trim_left_padding
 
-__all__ = ["hf_generation_config", "Samples", "generate", "rollout"]
+__all__ = ["hf_generation_config", "SuppressEOS", "Samples", "generate", "rollout"]
 
 
 def hf_generation_config(cfg: GenerationConfig, tokenizer) -> HFGenerationConfig:
-    """A transformers GenerationConfig for sampling rollouts from our `GenerationConfig`."""
+    """A transformers GenerationConfig for sampling rollouts from our `GenerationConfig`
+    (`min_new_tokens` is not in it: `generate` applies it with `SuppressEOS`)."""
     return HFGenerationConfig(
         do_sample=True,
         max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens or None,
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
@@ -40,6 +47,25 @@ def hf_generation_config(cfg: GenerationConfig, tokenizer) -> HFGenerationConfig
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
+
+
+class SuppressEOS(LogitsProcessor):
+    """EOS logits → −inf until `min_new_tokens` tokens follow the `prompt_width` prompt columns.
+
+    Out of place (one copy of Float[b, V]): `generate` keeps the tensor it passes in as the raw
+    logits (`output_logits`) that the sampler log-probs are read from.
+    """
+
+    def __init__(self, prompt_width: int, min_new_tokens: int, eos_token_id: int | Sequence[int]):
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.prompt_width, self.min_new_tokens = prompt_width, min_new_tokens
+        self.eos = torch.tensor(ids, dtype=torch.long)  # [K]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids Long[b, t], scores Float[b, V] → Float[b, V]."""
+        if input_ids.shape[1] - self.prompt_width >= self.min_new_tokens:
+            return scores
+        return scores.index_fill(1, self.eos.to(scores.device), float("-inf"))
 
 
 @dataclass
@@ -77,6 +103,7 @@ def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logp
         micro_batch_size=cfg.micro_batch_size,
         with_logprobs=sampler_logprobs,
         temperature=cfg.temperature,
+        min_new_tokens=cfg.min_new_tokens,
     )
     sampled = None
     if samples.logprobs is not None:
@@ -104,6 +131,7 @@ def generate(
     micro_batch_size: int | None = None,
     with_logprobs: bool = False,
     temperature: float = 1.0,
+    min_new_tokens: int = 0,
 ) -> Samples:
     """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
 
@@ -116,17 +144,22 @@ def generate(
     Args:
         query_ids: Long[B, P]; query_mask: Long[B, P].
         generation_config: a `transformers.GenerationConfig`.
+        min_new_tokens: EOS suppressed before this many new tokens (`SuppressEOS`; 0 = off).
     """
     chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     size = micro_batch_size or len(query_ids)
     width = query_ids.shape[1]
     config = copy.deepcopy(generation_config)
     config.output_logits, config.return_dict_in_generate = with_logprobs, True
+    processors = LogitsProcessorList()
+    if min_new_tokens:
+        processors.append(SuppressEOS(width, min_new_tokens, eos_token_id))
     for start in range(0, len(query_ids), size):
         out = model.generate(
             input_ids=query_ids[start : start + size],
             attention_mask=query_mask[start : start + size],
             generation_config=config,
+            logits_processor=processors,
         )
         ids = out.sequences[:, width:]  # [b, r]
         step_logits = list(out.logits) if with_logprobs else []  # r × Float[b, V]

@@ -5,7 +5,8 @@ one policy forward (skipped when the sampler gave π_old, `uses_sampler_logprobs
 (or reads the shared value head from the policy's hidden states), and returns a frozen
 `TokenStats` of Float[B, R] tensors, 0 on padding. The update (step 5) reuses `response_forward`,
 `reference_logprobs` and `critic_values`; all [query | response] forwards go through
-`_response_logits`.
+`_response_logits` / `critic_values`, which run each model as its `ppo.compile.plan_of` says
+(k > 1 groups packed so that a prompt is computed once, `ppo.packing`; compiled or eager).
 
 References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (temperature-
 consistent log-probs, position ids); Schulman 2020, "Approximating KL Divergence" (k1/k2/k3).
@@ -20,6 +21,8 @@ from torch import nn
 
 from rlhf_lightning.kernels import kl_penalty, token_logprobs, token_stats
 from rlhf_lightning.models.masks import position_ids
+from rlhf_lightning.ppo import packing
+from rlhf_lightning.ppo.compile import plan_of
 from rlhf_lightning.ppo.config import GenerationConfig, KLConfig
 from rlhf_lightning.ppo.models import PPOModels
 from rlhf_lightning.ppo.rollout import Rollout, micro_batches
@@ -80,11 +83,19 @@ def exact_float32(model: nn.Module) -> bool:
 
 def _response_logits(model: nn.Module, rollout: Rollout, with_hidden: bool):
     """Forward `[query | response]`: (logits Float[B, R, V] predicting each response token,
-    model output). Positions from the mask; only the last R + 1 positions are kept."""
+    last hidden states Float[B, R, H] at those positions or None). Runs as `plan_of(model)`
+    says: group-packed (`ppo.packing`) when rows share prompts, else padded with positions from
+    the mask and only the last R + 1 positions through the LM head; compiled or eager."""
+    plan = plan_of(model)
+    group = getattr(rollout, "group", None)
+    if plan.packs(group):
+        packed = packing.pack_rows(rollout, group)
+        logits, hidden = packing.packed_lm(model, packed, plan.trunk_call)  # [B, R, V], [B, R, H]
+        return logits, (hidden if with_hidden else None)
     steps = rollout.response_ids.shape[1]
     attention = rollout.attention_mask  # [B, P + R]
     extra = {"output_hidden_states": True} if with_hidden else {}
-    out = model(
+    out = plan.call(
         input_ids=rollout.input_ids,
         attention_mask=attention,
         position_ids=position_ids(attention),
@@ -92,7 +103,8 @@ def _response_logits(model: nn.Module, rollout: Rollout, with_hidden: bool):
         use_cache=False,
         **extra,
     )
-    return out.logits[:, :-1], out  # [B, R, V]
+    hidden = out.hidden_states[-1][:, -steps - 1 : -1] if with_hidden else None  # [B, R, H]
+    return out.logits[:, :-1], hidden  # [B, R, V]
 
 
 def response_forward(
@@ -111,15 +123,14 @@ def response_forward(
     hidden state at the positions that predict each token) and `logits` Float[B, R, V].
     All statistics come from `rlhf_lightning.kernels.token_stats` (one pass over the vocabulary).
     """
-    logits, out = _response_logits(model, rollout, with_hidden)  # [B, R, V]
+    logits, hidden = _response_logits(model, rollout, with_hidden)  # [B, R, V], [B, R, H]
     mask = rollout.response_mask.bool()  # [B, R]
     logp, entropy, kl = token_stats(
         logits, rollout.response_ids, ref_logits, temperature=temperature, mask=mask
     )  # each [B, R]
     result = {"logprobs": logp, "entropy": entropy, "kl": kl}
     if with_hidden:
-        steps = rollout.response_ids.shape[1]
-        result["hidden"] = out.hidden_states[-1][:, -steps - 1 : -1]  # [B, R, H]
+        result["hidden"] = hidden  # [B, R, H]
     if return_logits:
         result["logits"] = logits
     return result
@@ -137,10 +148,17 @@ def reference_logprobs(
 
 
 def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """Values V(s_t) of a separate critic (`ppo.models.CriticModel`) for the response steps."""
-    values = critic(rollout.input_ids, rollout.attention_mask)  # [B, P + R]
-    steps = rollout.response_ids.shape[1]
-    return values[:, -steps - 1 : -1] * rollout.response_mask  # [B, R]
+    """Values V(s_t) of a separate critic (`ppo.models.CriticModel`) for the response steps
+    (group-packed or padded, compiled or eager, as `plan_of(critic)` says)."""
+    plan = plan_of(critic)
+    group = getattr(rollout, "group", None)
+    if plan.packs(group):
+        packed = packing.pack_rows(rollout, group)
+        values = packing.packed_values(critic, packed, plan.trunk_call)  # [B, R]
+    else:
+        steps = rollout.response_ids.shape[1]
+        values = plan.call(rollout.input_ids, rollout.attention_mask)[:, -steps - 1 : -1]
+    return values * rollout.response_mask  # [B, R]
 
 
 def _micro_batch_stats(models: PPOModels, sub: Rollout, gen: GenerationConfig, kl_cfg: KLConfig):

@@ -1,8 +1,8 @@
 """Step 2 of a PPO iteration: score the responses and shape the sequence rewards.
 
 A `RewardScorer` gives the raw reward Float[B] of a rollout: `RewardModelScorer` (an RM export,
-read at the last token with position ids; a reward model with another vocabulary scores the
-re-tokenised text) or `RewardFunction` (a `module:function` callable, `rlhf_lightning.scorers`).
+read at the last token with position ids, groups of k > 1 samples packed so that their prompt is
+computed once, `ppo.packing`; a reward model with another vocabulary scores the re-tokenised text) or `RewardFunction` (a `module:function` callable, `rlhf_lightning.scorers`).
 `shape_scores` then normalises (by the export's stored statistics, by running moments over all
 ranks, or not at all), subtracts the missing-EOS penalty and clips, in that order. `score`
 returns everything as one frozen `Scores`.
@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.masks import ends_with_eos, response_texts
-from rlhf_lightning.models.reward_export import normalise, score_rows, score_texts
+from rlhf_lightning.models.reward_export import (
+    backbone_and_head,
+    normalise,
+    score_rows,
+    score_texts,
+)
+from rlhf_lightning.ppo import packing
+from rlhf_lightning.ppo.compile import plan_of
 from rlhf_lightning.ppo.config import RewardConfig
 from rlhf_lightning.ppo.distributed import CrossRank
 from rlhf_lightning.ppo.models import PPOModels, Vocab
@@ -70,10 +77,16 @@ class RewardModelScorer:
                 self.model, self.tokenizer, texts, batch_size=self.micro_batch_size
             )
             return torch.tensor(scores, dtype=torch.float32, device=rollout.query_ids.device)
+        plan, backbone = plan_of(self.model), backbone_and_head(self.model)
         out = []
         for part in micro_batches(len(rollout), self.micro_batch_size):
             sub = rollout.select(torch.arange(len(rollout))[part])
-            out.append(score_rows(self.model, sub.input_ids, sub.attention_mask))
+            if plan.packs(sub.group):  # k > 1: each prompt once (`ppo.packing`)
+                packed = packing.pack_rows(sub, sub.group)
+                out.append(packing.packed_scores(*backbone, packed, plan.trunk_call))
+            else:
+                forward = plan_of(backbone[0]).call
+                out.append(score_rows(self.model, sub.input_ids, sub.attention_mask, forward))
         return torch.cat(out)  # [B]
 
 

@@ -193,9 +193,13 @@ def _ptx_backward(
         return
     for part in micro_batches(len(labels), upd.micro_batch_size):
         ids, attn = batch["input_ids"][part], batch["attention_mask"][part]
-        logits = models.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        logp = token_logprobs(logits[:, :-1], labels[part], mask=valid[part])  # [b, T-1]
-        loss = ptx_loss(logp, valid[part], n_ptx)
+        first = int(valid[part].any(0).long().argmax())  # LM head from the first labelled column
+        out = models.policy(
+            input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=ids.shape[1] - first
+        )
+        target, keep = labels[part][:, first:], valid[part][:, first:]  # [b, T-1-first]
+        logp = token_logprobs(out.logits[:, :-1], target, mask=keep)  # [b, T-1-first]
+        loss = ptx_loss(logp, keep, n_ptx)
         ops.backward(upd.ptx_coef * loss)
         stats.add({"loss/ptx": loss.detach()})
 

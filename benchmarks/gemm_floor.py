@@ -1,0 +1,113 @@
+"""The GEMM floor of the PPO workload, measured in-process on the machine at hand, per dtype.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.gemm_floor                       # float32
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.gemm_floor --dtypes float32 bfloat16
+
+`gemm_floor(work, dtype)` = the workload's matmul FLOPs (`ppo_flop_floor.count_flops`: prefill,
+decode, RM / reference / critic forwards, policy and critic forward + backward; counted once per
+process and workload) ÷ the best `torch.mm` rate of the model's GEMM shapes in `dtype` on this
+machine (separately for the decode steps, whose GEMMs have only batch_size rows). It is what
+`bench_ppo_step` can call in the same run as the timed iterations, so that ours / floor is read
+on one machine under one load. Also prints the CPU's bf16 capability (`cpu_bf16_support`), the
+evidence behind docs/precision.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.ppo_flop_floor import count_flops, gemm_shapes
+from benchmarks.trl_ppo_baseline import Workload
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_bf16_support() -> dict:
+    """What this CPU offers for 16-bit matmuls: torch's dispatch level and the /proc/cpuinfo flags
+    (`avx512_bf16`: AVX-512 BF16 dot products; `amx_bf16`: Intel AMX tiles)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx512f", "avx2")
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        **{flag: flag in flags for flag in wanted},
+    }
+
+
+def best_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 7) -> float:
+    """Best GFLOP/s of a single `torch.mm` over `shapes` (m, k, n) in `dtype`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _flops(work_key: tuple) -> dict:
+    work = Workload(**dict(work_key))
+    return count_flops(work)
+
+
+def workload_flops(work: Workload) -> dict:
+    """`count_flops(work)` (matmul FLOPs per pass and the padding-free fraction), once per process."""
+    from dataclasses import asdict
+
+    return dict(_flops(tuple(sorted(asdict(work).items()))))
+
+
+def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
+    """Rates (GFLOP/s) and floor seconds (padded, padding-free) of one PPO iteration in `dtype`."""
+    flops = workload_flops(work)
+    fraction = flops.pop("padding_free_fraction")
+    per_minibatch = ("policy_forward_backward", "critic_forward_backward")
+    extra_epochs = sum(flops[k] for k in per_minibatch) * (work.ppo_epochs - 1)
+    dense = sum(v for k, v in flops.items() if k != "decode") + extra_epochs
+    rows = work.batch_size * work.prompt_width
+    rate = best_rate(gemm_shapes(work, rows) + [(2048, 2048, 2048)], dtype)
+    decode_rate = best_rate(gemm_shapes(work, work.batch_size), dtype)
+    decode_s = flops["decode"] / decode_rate / 1e9
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "tflops_total_padded": round((dense + flops["decode"]) / 1e12, 4),
+        "gemm_gflops": round(rate, 1),
+        "decode_gemm_gflops": round(decode_rate, 1),
+        "floor_s_padded": round(dense / rate / 1e9 + decode_s, 2),
+        "floor_s_padding_free": round(dense * fraction / rate / 1e9 + decode_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Workload(threads=args.threads)
+    result = {
+        "cpu": cpu_bf16_support(),
+        "floors": [gemm_floor(work, DTYPES[d]) for d in args.dtypes],
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
