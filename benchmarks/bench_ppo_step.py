@@ -67,6 +67,8 @@ from benchmarks.trl_ppo_baseline import (
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = RESULTS / "ppo_step.csv"
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
+COMPILE_KEYS = ("compile_s", "compiled_graphs")
+"""`ppo/perf/*` tags of `compute.compile` (cumulative), reported after the last iteration."""
 
 
 def _prompt_batches(work: Workload, tokenizer, n_batches: int, samples: int = 1) -> list[dict]:
@@ -105,11 +107,12 @@ def _reward_export(work: Workload, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def _build_module(work: Workload, tokenizer, tmp: Path, advantage: str, samples: int):
+def _build_module(work: Workload, tokenizer, tmp: Path, advantage: str, samples: int, compute):
     from rlhf_lightning.models.loading import ModelSpec
     from rlhf_lightning.modules.common import OptimConfig
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.ppo.config import (
+        ComputeConfig,
         CriticConfig,
         GenerationConfig,
         KLConfig,
@@ -137,6 +140,7 @@ def _build_module(work: Workload, tokenizer, tmp: Path, advantage: str, samples:
         ),
         critic=CriticConfig(kind="reward_model" if advantage == "gae" else "none"),
         monitor=MonitorConfig(sample_every=0, histogram_every=0),
+        compute=ComputeConfig(**compute),
         optim=OptimConfig(lr=work.lr),
         export_dir=str(tmp / "export"),
     )
@@ -192,10 +196,15 @@ def _parameters_in_memory(models) -> dict:
 
 
 def run_ours(
-    work: Workload, profile_dir: Path | None = None, advantage: str = "gae", samples: int = 1
+    work: Workload,
+    profile_dir: Path | None = None,
+    advantage: str = "gae",
+    samples: int = 1,
+    compute: dict | None = None,
 ) -> dict:
     """Fit PPOModule for `work.iterations` (+1 profiled) iterations; per-iteration timings, the
-    parameters in memory and this process's peak RSS."""
+    parameters in memory and this process's peak RSS. `compute`: `ComputeConfig` fields (with
+    `compile`, the compile seconds / graph count after the last iteration are reported)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -205,7 +214,7 @@ def run_ours(
     batches = _prompt_batches(work, tokenizer, n_batches, samples)
     loader = DataLoader(batches, batch_size=None)
     torch.manual_seed(work.seed)
-    module = _build_module(work, tokenizer, tmp, advantage, samples)
+    module = _build_module(work, tokenizer, tmp, advantage, samples, compute or {})
     held: dict = {}
     per_iter: list[dict] = []
 
@@ -232,6 +241,7 @@ def run_ours(
             perf = pl_module.history[-1]
             row = {"iteration_s": total, "iteration_cpu_s": cpu}
             row.update({k: perf[f"ppo/perf/{k}"] for k in PHASES[2:]})
+            row.update({k: perf[f"ppo/perf/{k}"] for k in COMPILE_KEYS if f"ppo/perf/{k}" in perf})
             per_iter.append(row)
             print(f"[ours] iteration {len(per_iter)}: " + fmt(row), flush=True)
             held.update(_parameters_in_memory(pl_module.models))
@@ -254,7 +264,9 @@ def run_ours(
         gc.collect()
         shutil.rmtree(tmp, ignore_errors=True)
     peak = ppo_sides.self_peak_rss_mb()
-    return {"per_iteration": per_iter, **summarise(per_iter, work), **held, "peak_rss_mb": peak}
+    compiled = {k: per_iter[-1][k] for k in COMPILE_KEYS if per_iter and k in per_iter[-1]}
+    summary = {**summarise(per_iter, work), **held, **compiled, "peak_rss_mb": peak}
+    return {"per_iteration": per_iter, **summary}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -275,6 +287,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compare-ppo", action="store_true", help="also run our PPO (gae, k=1) in a subprocess"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="our side with compute.compile: true (all roles)"
+    )
+    parser.add_argument(
+        "--no-padding-free",
+        action="store_true",
+        help="our side with compute.padding_free: false (padded forwards, for before/after)",
+    )
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip measuring the GEMM floor in this run"
     )
     parser.add_argument("--layers", type=int, default=30, help="smaller only for smoke tests")
     parser.add_argument("--hidden", type=int, default=576, help="smaller only for smoke tests")
@@ -302,7 +325,7 @@ def _check_estimator(work: Workload, advantage: str, samples: int) -> None:
         raise SystemExit(f"--advantage {advantage} --samples-per-prompt {samples}: {err}") from None
 
 
-def _write_csv(work: Workload, sides: dict, ratios: dict) -> None:
+def _write_csv(work: Workload, sides: dict, ratios: dict, floor: dict | None) -> None:
     """Rows of ours, our PPO and TRL (those that ran) appended to ppo_step.csv."""
     import rlhf_lightning
 
@@ -322,6 +345,10 @@ def _write_csv(work: Workload, sides: dict, ratios: dict) -> None:
             version,
             ratio_vs_trl=vs_trl(ours),
             rss_ratio_vs_ppo=round(rss, 3) if rss else "",
+            floor_s_padded=floor["floor_s_padded"] if floor else "",
+            ratio_vs_floor=round(ratios["ratio_vs_floor"], 3) if floor else "",
+            compile=ours.get("compile", False),
+            padding_free=ours.get("padding_free", ""),
             **est,
         )
     ]
@@ -336,6 +363,15 @@ def _write_csv(work: Workload, sides: dict, ratios: dict) -> None:
         CSV_PATH, rows, {"timestamp_utc": utc_timestamp(), "git_sha": git_sha(ROOT)}
     )
     print(f"appended {len(rows)} row(s) to {CSV_PATH}")
+
+
+def _measure_floor(work: Workload) -> dict:
+    """The workload's float32 GEMM floor on this machine, now (after the timed sides, so that the
+    rate is taken under the load the iterations saw), with the CPU's bf16 capability."""
+    from benchmarks.gemm_floor import cpu_bf16_support, gemm_floor
+
+    print("[floor] measuring the float32 GEMM rate of the workload's shapes", flush=True)
+    return {**gemm_floor(work, torch.float32), "cpu_support": cpu_bf16_support()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -361,14 +397,18 @@ def main(argv: list[str] | None = None) -> dict:
             sides["ppo"] = ppo_sides.run_our_ppo(work, Path(scratch) / "ppo.json")
     ours = {"impl": "ours", "workload": asdict(work), "machine": machine_info()}
     ours.update(advantage=advantage, samples_per_prompt=samples, prompts=work.batch_size // samples)
-    ours.update(run_ours(work, ns.profile, advantage, samples))
+    compute = {"compile": ns.compile, "padding_free": not ns.no_padding_free}
+    ours.update(run_ours(work, ns.profile, advantage, samples, compute))
+    ours.update(compute)
     sides["ours"] = ours
+    floor = None if ns.no_floor else _measure_floor(work)
     label = "PPOModule" if plain_ppo else f"{advantage} k={samples}"
     named = [(label, ours), ("our PPO", sides.get("ppo")), ("TRL 1.12 PPO", sides["trl"])]
     ratios = ppo_sides.print_table([(name, side) for name, side in named if side])
+    ratios.update(ppo_sides.print_floor(floor, [(n, side) for n, side in named if side]))
     if not ns.no_csv:
-        _write_csv(work, sides, ratios)
-    summary = {**sides, **ratios}
+        _write_csv(work, sides, ratios, floor)
+    summary = {**sides, **ratios, "gemm_floor": floor}
     out = ns.out_json or RESULTS / f"ppo_step{tag}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

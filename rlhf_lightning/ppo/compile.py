@@ -62,10 +62,19 @@ class ForwardPlan:
     """The (compiled) trunk of a causal LM / critic / classifier, for packed forwards."""
     pack: bool = False
     """Pack groups (`ppo.packing`); on only where `packing_matches` held for this module."""
+    padding_free: bool = False
+    """Run rows padding-free (`ppo.varlen`) where they are not group-packed; on only where
+    `packing_matches(..., varlen=True)` held for this module."""
 
     def packs(self, group: torch.Tensor | None) -> bool:
         """Whether a batch with these groups runs packed (some rows share a prompt)."""
         return self.pack and packing.shares_prefixes(group)
+
+    def route(self, group: torch.Tensor | None) -> str:
+        """How a batch with these groups runs: `groups` (packed), `varlen` or `padded`."""
+        if self.packs(group):
+            return "groups"
+        return "varlen" if self.padding_free else "padded"
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, ForwardPlan] = weakref.WeakKeyDictionary()
@@ -167,8 +176,14 @@ def configure_module(role: str, kind: str, module: nn.Module, cfg: ComputeConfig
             f"model.compute.pack_groups: the {role} model does not give packed == padded results "
             "(attention implementation or LM head); its forwards stay padded"
         )
+    padding_free = cfg.padding_free and packing.packing_matches(kind, module, varlen=True)
+    if cfg.padding_free and not padding_free:
+        rank_zero_warn(
+            f"model.compute.padding_free: the {role} model does not give padding-free == padded "
+            "results (attention implementation or LM head); its forwards stay padded"
+        )
     call = _compiled(module, cfg) if use_compile else module
-    _PLANS[module] = plan = ForwardPlan(call, trunk_call, pack)
+    _PLANS[module] = plan = ForwardPlan(call, trunk_call, pack, padding_free)
     _PLANS[trunk] = ForwardPlan(trunk_call)
     return plan
 

@@ -202,6 +202,12 @@ class ComputeConfig:
     rows run as one packed row with a 4-D mask in the reference, critic, reward-model and update
     forwards, and the LM head only at response positions. Checked on each model at start (padded,
     with a warning, where packed ≠ padded). No effect with k = 1 (nothing is shared)."""
+    padding_free: bool = True
+    """Run the reference, critic, reward-model and update forwards on the real tokens only: the
+    rows' real tokens as one packed row (position ids restarting per sequence), attention per
+    sequence (`ppo.varlen`), the LM head only at response positions. Rows that share a prompt
+    (k > 1 with `pack_groups`) are group-packed instead. Checked on each model at start (padded,
+    with a warning, where padding-free ≠ padded)."""
     compile: bool | list[str] = False
     """`torch.compile` the training and scoring forwards of these roles (`policy`, `reference`,
     `critic`, `reward`), or of all (true); `generate` stays eager. The first iterations include the

@@ -21,7 +21,7 @@ from torch import nn
 
 from rlhf_lightning.kernels import kl_penalty, token_logprobs, token_stats
 from rlhf_lightning.models.masks import position_ids
-from rlhf_lightning.ppo import packing
+from rlhf_lightning.ppo import packing, varlen
 from rlhf_lightning.ppo.compile import plan_of
 from rlhf_lightning.ppo.config import GenerationConfig, KLConfig
 from rlhf_lightning.ppo.models import PPOModels
@@ -88,9 +88,15 @@ def _response_logits(model: nn.Module, rollout: Rollout, with_hidden: bool):
     the mask and only the last R + 1 positions through the LM head; compiled or eager."""
     plan = plan_of(model)
     group = getattr(rollout, "group", None)
-    if plan.packs(group):
-        packed = packing.pack_rows(rollout, group)
-        logits, hidden = packing.packed_lm(model, packed, plan.trunk_call)  # [B, R, V], [B, R, H]
+    route = plan.route(group)
+    if route != "padded":
+        if route == "groups":
+            packed = packing.pack_rows(rollout, group)
+            logits, hidden = packing.packed_lm(
+                model, packed, plan.trunk_call
+            )  # [B, R, V], [B, R, H]
+        else:
+            logits, hidden = varlen.varlen_lm(model, rollout, plan.trunk_call)
         return logits, (hidden if with_hidden else None)
     steps = rollout.response_ids.shape[1]
     attention = rollout.attention_mask  # [B, P + R]
@@ -152,9 +158,12 @@ def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
     (group-packed or padded, compiled or eager, as `plan_of(critic)` says)."""
     plan = plan_of(critic)
     group = getattr(rollout, "group", None)
-    if plan.packs(group):
+    route = plan.route(group)
+    if route == "groups":
         packed = packing.pack_rows(rollout, group)
         values = packing.packed_values(critic, packed, plan.trunk_call)  # [B, R]
+    elif route == "varlen":
+        values = varlen.varlen_values(critic, rollout, plan.trunk_call)  # [B, R]
     else:
         steps = rollout.response_ids.shape[1]
         values = plan.call(rollout.input_ids, rollout.attention_mask)[:, -steps - 1 : -1]

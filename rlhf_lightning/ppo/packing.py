@@ -21,8 +21,9 @@ whose output predicts response token t (the one a padded forward reads at column
 
 Cost, for the benchmark's GRPO k = 4 (prompts 64–128 tokens, 32 new): ≈ 96 + 4·32 = 224 tokens
 per group instead of 4 × 160 = 640, with attention O(L²) per packed row (224² ≈ 50 k score
-entries per group vs 4 × 160² ≈ 102 k padded). With k = 1 nothing is shared and packing only
-trades padding (13 % of the tokens there) for a dense mask over more tokens, so it is not used.
+entries per group vs 4 × 160² ≈ 102 k padded). With k = 1 nothing is shared: a dense mask over
+all tokens would trade padding for O(N²) attention, so those rows run padding-free instead
+(`ppo.varlen`: one packed row, attention per sequence).
 
 Needs a trunk that takes `position_ids` and a prepared 4-D mask through SDPA or eager attention
 (Llama, Mistral, Qwen2/3, SmolLM, … in transformers ≥ 4.48), and logits = `lm_head(hidden)`
@@ -250,25 +251,36 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def packing_matches(kind: str, model: nn.Module, atol: float = 1e-4) -> bool:
+def packing_matches(kind: str, model: nn.Module, atol: float = 1e-4, varlen: bool = False) -> bool:
     """True when the packed forward of `model` (`kind`: `lm`, `critic` or `classifier`) equals
-    its padded forward on a small probe batch (within `atol` + 1e-3 relative)."""
+    its padded forward on a small probe batch (within `atol` + 1e-3 relative): group packing, or
+    with `varlen` the padding-free forward of `ppo.varlen`."""
     from rlhf_lightning.models.reward_export import backbone_and_head
+    from rlhf_lightning.ppo import varlen as padding_free
 
     param = next(model.parameters())
     rollout, group = _probe(min(_vocab_size(model), 1000), param.device)
     was_training = model.training
     model.eval()
     try:
-        packed = pack_rows(rollout, group)
-        if kind == "lm":
-            got = packed_lm(model, packed)[0]
-        elif kind == "critic":
-            got = packed_values(model, packed)
+        if varlen:
+            readers = {
+                "lm": lambda: padding_free.varlen_lm(model, rollout)[0],
+                "critic": lambda: padding_free.varlen_values(model, rollout),
+                "classifier": lambda: padding_free.varlen_scores(
+                    *backbone_and_head(model), rollout
+                ),
+            }
         else:
-            got = packed_scores(*backbone_and_head(model), packed)
+            packed = pack_rows(rollout, group)
+            readers = {
+                "lm": lambda: packed_lm(model, packed)[0],
+                "critic": lambda: packed_values(model, packed),
+                "classifier": lambda: packed_scores(*backbone_and_head(model), packed),
+            }
+        got = readers[kind]()
         want = _padded_probe(kind, model, rollout)
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, KeyError):
         return False
     finally:
         model.train(was_training)

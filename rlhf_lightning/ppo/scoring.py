@@ -26,7 +26,7 @@ from rlhf_lightning.models.reward_export import (
     score_rows,
     score_texts,
 )
-from rlhf_lightning.ppo import packing
+from rlhf_lightning.ppo import packing, varlen
 from rlhf_lightning.ppo.compile import plan_of
 from rlhf_lightning.ppo.config import RewardConfig
 from rlhf_lightning.ppo.distributed import CrossRank
@@ -81,9 +81,12 @@ class RewardModelScorer:
         out = []
         for part in micro_batches(len(rollout), self.micro_batch_size):
             sub = rollout.select(torch.arange(len(rollout))[part])
-            if plan.packs(sub.group):  # k > 1: each prompt once (`ppo.packing`)
+            route = plan.route(sub.group)
+            if route == "groups":  # k > 1: each prompt once (`ppo.packing`)
                 packed = packing.pack_rows(sub, sub.group)
                 out.append(packing.packed_scores(*backbone, packed, plan.trunk_call))
+            elif route == "varlen":  # real tokens only (`ppo.varlen`)
+                out.append(varlen.varlen_scores(*backbone, sub, plan.trunk_call))
             else:
                 forward = plan_of(backbone[0]).call
                 out.append(score_rows(self.model, sub.input_ids, sub.attention_mask, forward))

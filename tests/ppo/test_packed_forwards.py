@@ -57,7 +57,7 @@ def _grouped_rollout(k: int = 3, prompts: int = 3, steps: int = 6, seed: int = 0
 
 def _padded(model):
     """`model` with a padded, eager plan (the reference route)."""
-    configure_module("policy", "lm", model, ComputeConfig(pack_groups=False))
+    configure_module("policy", "lm", model, ComputeConfig(pack_groups=False, padding_free=False))
     return model
 
 

@@ -20,7 +20,14 @@ from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec
 from rlhf_lightning.modules.common import OptimConfig, build_optimizer, fused_allowed
 from rlhf_lightning.modules.ppo import PPOModule
-from rlhf_lightning.ppo.config import GenerationConfig, KLConfig, RewardConfig, UpdateConfig
+from rlhf_lightning.ppo.compile import configure_forwards
+from rlhf_lightning.ppo.config import (
+    ComputeConfig,
+    GenerationConfig,
+    KLConfig,
+    RewardConfig,
+    UpdateConfig,
+)
 from rlhf_lightning.ppo.experience import Experience
 from rlhf_lightning.ppo.models import PPOModels
 
@@ -45,8 +52,13 @@ class ModuleRun:
 
 
 def _copy_models(models: PPOModels) -> PPOModels:
-    """The bundle with its trainable models deep-copied (the frozen reference is shared)."""
-    return replace(models, policy=copy.deepcopy(models.policy), critic=copy.deepcopy(models.critic))
+    """The bundle with its trainable models deep-copied (the frozen reference is shared), their
+    forwards planned like the originals' (padding-free where those are)."""
+    copied = replace(
+        models, policy=copy.deepcopy(models.policy), critic=copy.deepcopy(models.critic)
+    )
+    configure_forwards(copied, ComputeConfig(), samples_per_prompt=1)  # the module's default
+    return copied
 
 
 @pytest.fixture

@@ -1,0 +1,193 @@
+"""Padding-free forwards: the real tokens of B rows as one packed row, attention per sequence.
+
+A padded `[query | response]` batch runs every matmul over B × T positions, padding included
+(left padding of short prompts, right padding after an early EOS). Here the rows' real tokens are
+concatenated into one row of N = Σ lengths tokens, position ids restarting at 0 for each
+sequence, so every linear layer, norm and MLP runs on the N real tokens only. Attention alone
+needs the sequences apart: the attention function registered here as `rlhf_varlen` (transformers'
+`AttentionInterface`) gathers q, k, v of the packed row into right-padded rows [B, h, T_max, d],
+runs one causal SDPA (no mask: the fastest CPU and CUDA kernels) and scatters the real positions
+back. A real query never sees a padded key (they all come after it), and the outputs of padded
+queries are dropped, so hidden states and gradients equal the padded forward's up to float32
+rounding. Cost: two gathers of N × H per layer; attention stays O(Σ T_max²) as when padded.
+
+The trunk switches to `rlhf_varlen` only for the packed call (`config._attn_implementation`,
+restored afterwards); any other call — `generate`, a padded forward — runs the model's own
+attention. Works for decoder trunks that route attention through `ALL_ATTENTION_FUNCTIONS`
+and take `position_ids` (Llama, Mistral, Qwen2/3, SmolLM, … in transformers ≥ 5);
+`packing.packing_matches(..., varlen=True)` checks each model once and keeps padded rows for one
+that does not match.
+
+References: Dao 2023, "FlashAttention-2" (variable-length batches, `cu_seqlens`); Krell et al.
+2021, "Efficient Sequence Packing without Cross-contamination"; transformers' attention
+interface (`AttentionInterface`, `AttentionMaskInterface`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from rlhf_lightning.models.masks import position_ids
+
+__all__ = ["VARLEN", "VarlenLayout", "layout_of", "varlen_attention", "varlen_trunk"]
+
+VARLEN = "rlhf_varlen"
+"""The attention-implementation name registered with transformers."""
+_LAYOUT_KEY = "rlhf_varlen_layout"
+"""The model-call keyword that carries the `VarlenLayout` down to every attention layer."""
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Where each real token of B rows sits in the packed row and in right-padded rows."""
+
+    to_rows: torch.Tensor
+    """Long[B, T_max] index into the N packed tokens of row b's token j (clamped to the row's
+    last token past its length: those slots are never attended and their outputs are dropped)."""
+    to_packed: torch.Tensor
+    """Long[N] index into the B · T_max right-padded slots of each packed token."""
+
+
+def layout_of(attention_mask: torch.Tensor) -> tuple[VarlenLayout, torch.Tensor, torch.Tensor]:
+    """(layout, real Bool[B, T], flat start Long[B]) of the real tokens of `attention_mask`
+    Long[B, T] (each row's real tokens contiguous, any padding side)."""
+    real = attention_mask.bool()  # [B, T]
+    lengths = real.sum(1)  # [B]
+    starts = torch.cumsum(lengths, 0) - lengths  # [B] first packed index of each row
+    width = int(lengths.max())
+    slot = torch.arange(width, device=real.device)  # [T_max]
+    to_rows = starts[:, None] + torch.minimum(slot[None], (lengths - 1)[:, None])  # [B, T_max]
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=real.device), lengths)  # [N]
+    to_packed = rows * width + (torch.arange(len(rows), device=real.device) - starts[rows])  # [N]
+    return VarlenLayout(to_rows, to_packed), real, starts
+
+
+def varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention per sequence of a packed row: query Float[1, h, N, d], key / value
+    Float[1, h_kv, N, d] → (Float[1, N, h, d], None), the layout transformers' SDPA returns.
+    Without a layout in `kwargs` (a call that is not packed) it is transformers' SDPA."""
+    layout: VarlenLayout | None = kwargs.pop(_LAYOUT_KEY, None)
+    if layout is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("padding-free attention does not support attention-logit soft-capping")
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [1, h, N, d] → [B, h, T_max, d]
+        return x[0][:, layout.to_rows].transpose(0, 1)
+
+    q, k, v = rows(query), rows(key), rows(value)
+    window, width = kwargs.get("sliding_window"), q.shape[2]
+    band = None  # causal within a sliding window, where the model has one shorter than T_max
+    if window is not None and width > window:
+        i = torch.arange(width, device=q.device)
+        band = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)  # [T_max, T_max]
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=band,
+        dropout_p=dropout if module.training else 0.0,
+        is_causal=band is None,
+        scale=scaling,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # [B, h, T_max, d]
+    heads, dim = out.shape[1], out.shape[3]
+    packed = out.transpose(1, 2).reshape(-1, heads, dim)[layout.to_packed]  # [N, h, d]
+    return packed[None], None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The mask builder of `rlhf_varlen`: none (attention is causal per sequence)."""
+    return None
+
+
+AttentionInterface.register(VARLEN, varlen_attention)
+AttentionMaskInterface.register(VARLEN, _no_mask)
+
+
+@contextlib.contextmanager
+def _attention_of(trunk: nn.Module, implementation: str):
+    config = trunk.config
+    saved = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+def varlen_trunk(trunk: nn.Module, seqs, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of the real tokens of `seqs` (a `Sequences`: `input_ids`,
+    `attention_mask` Long[B, T]) through `trunk` packed, and the flat packed index Long[B, T]
+    of each padded position (padding → the row's nearest real token; mask it downstream).
+
+    Returns (hidden Float[N, H], index Long[B, T]); `forward` = the (compiled) callable of
+    `trunk` (default: the trunk itself).
+    """
+    mask = seqs.attention_mask  # [B, T]
+    layout, real, starts = layout_of(mask)
+    positions = position_ids(mask)  # [B, T] 0 at each row's first real token
+    ids, pos = seqs.input_ids[real][None], positions[real][None]  # [1, N] each
+    with _attention_of(trunk, VARLEN):
+        out = (trunk if forward is None else forward)(
+            input_ids=ids, position_ids=pos, use_cache=False, **{_LAYOUT_KEY: layout}
+        ).last_hidden_state  # [1, N, H]
+    index = starts[:, None] + positions  # [B, T]
+    return out[0], index
+
+
+def _response_index(seqs, index: torch.Tensor) -> torch.Tensor:
+    """Long[B, R] packed index of the position predicting each response token (the one a padded
+    forward reads at column P − 1 + t); 0 where the token is padding."""
+    query_width, steps = seqs.query_ids.shape[1], seqs.response_ids.shape[1]
+    predict = index[:, query_width - 1 : query_width - 1 + steps]  # [B, R]
+    return predict * seqs.response_mask.to(predict.dtype)
+
+
+def varlen_lm(model: nn.Module, seqs, trunk_forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits Float[B, R, V], hidden Float[B, R, H]) of a causal LM at the positions predicting
+    each response token of `seqs` (a `Sequences`), padding-free; the LM head runs on those B·R
+    positions only."""
+    from rlhf_lightning.ppo.packing import lm_trunk_and_head
+
+    trunk, head = lm_trunk_and_head(model)
+    hidden, index = varlen_trunk(trunk, seqs, trunk_forward)  # [N, H], [B, T]
+    at = hidden[_response_index(seqs, index)]  # [B, R, H]
+    return head(at), at  # [B, R, V], [B, R, H]
+
+
+def varlen_values(critic: nn.Module, seqs, trunk_forward=None) -> torch.Tensor:
+    """Values Float[B, R] of a `CriticModel` (trunk + scalar head) at the response steps
+    (unmasked), padding-free."""
+    from rlhf_lightning.models.heads import scalar_head
+
+    hidden, index = varlen_trunk(critic.trunk, seqs, trunk_forward)  # [N, H], [B, T]
+    return scalar_head(critic.head, hidden[_response_index(seqs, index)])  # [B, R]
+
+
+def varlen_scores(backbone: nn.Module, head: nn.Module, seqs, trunk_forward=None) -> torch.Tensor:
+    """Sequence scores Float[B] of a classifier (backbone + scalar head) at each row's last real
+    token, padding-free (the last column maps to it for either padding side)."""
+    from rlhf_lightning.models.heads import scalar_head
+
+    hidden, index = varlen_trunk(backbone, seqs, trunk_forward)  # [N, H], [B, T]
+    return scalar_head(head, hidden[index[:, -1]])  # [B]
