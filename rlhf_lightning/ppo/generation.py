@@ -11,14 +11,22 @@ computes anyway (`SampledLogprobs`), so step 3 needs no policy forward.
 [8, 49152] logits, 2 CPU threads: ~10 ms per 32-token rollout). Both run before the temperature /
 top-k / top-p warpers, so the sampled distribution and the random draws are the same.
 
+Sampling: `generate` draws each token with `sample_categorical` (one uniform per row against the
+float64 CDF) in place of `torch.multinomial`, which draws V exponentials per row: 10 ms vs 0.2 ms
+per step on [8, 49152] probabilities (2 CPU threads), 0.3 s of a 32-token rollout. The same
+distribution; only the random stream differs. `torch.multinomial` is swapped only inside our
+`generate` calls and only for one draw per row of a CPU tensor (`cpu_sampling`;
+`generation.fast_cpu_sampling: false` keeps torch's sampler and its random stream).
+
 References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (EOS handling,
 temperature-consistent log-probs); TRL's `PPOTrainer` (log-probs from the sampler's logits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +39,15 @@ from rlhf_lightning.models.masks import response_mask
 from rlhf_lightning.ppo.config import GenerationConfig
 from rlhf_lightning.ppo.rollout import PromptBatch, Rollout, SampledLogprobs, trim_left_padding
 
-__all__ = ["hf_generation_config", "SuppressEOS", "Samples", "generate", "rollout"]
+__all__ = [
+    "hf_generation_config",
+    "SuppressEOS",
+    "Samples",
+    "sample_categorical",
+    "cpu_sampling",
+    "generate",
+    "rollout",
+]
 
 
 def hf_generation_config(cfg: GenerationConfig, tokenizer) -> HFGenerationConfig:
@@ -66,6 +82,37 @@ class SuppressEOS(LogitsProcessor):
         if input_ids.shape[1] - self.prompt_width >= self.min_new_tokens:
             return scores
         return scores.index_fill(1, self.eos.to(scores.device), float("-inf"))
+
+
+def sample_categorical(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row of `probs` Float[b, V] (non-negative, rows with a positive sum) → Long[b, 1].
+
+    Inverts the float64 CDF at one uniform per row: the first index whose cumulative
+    probability exceeds u · total, so a zero-probability entry is never drawn.
+    """
+    cdf = probs.double().cumsum(-1)  # [b, V]
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, device=cdf.device, generator=generator)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [b, 1]
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+@contextlib.contextmanager
+def cpu_sampling() -> Iterator[None]:
+    """Inside the context, `torch.multinomial(probs, 1)` on a 2-D CPU tensor (what transformers'
+    sampling loop calls each step) is `sample_categorical`; every other call is unchanged."""
+    original = torch.multinomial
+
+    def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples == 1 and input.dim() == 2 and input.device.type == "cpu" and out is None:
+            return sample_categorical(input, generator)
+        kwargs = {"generator": generator} if out is None else {"generator": generator, "out": out}
+        return original(input, num_samples, replacement, **kwargs)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = original
 
 
 @dataclass
@@ -104,6 +151,7 @@ def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logp
         with_logprobs=sampler_logprobs,
         temperature=cfg.temperature,
         min_new_tokens=cfg.min_new_tokens,
+        fast_cpu_sampling=cfg.fast_cpu_sampling,
     )
     sampled = None
     if samples.logprobs is not None:
@@ -132,6 +180,7 @@ def generate(
     with_logprobs: bool = False,
     temperature: float = 1.0,
     min_new_tokens: int = 0,
+    fast_cpu_sampling: bool = True,
 ) -> Samples:
     """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
 
@@ -145,6 +194,7 @@ def generate(
         query_ids: Long[B, P]; query_mask: Long[B, P].
         generation_config: a `transformers.GenerationConfig`.
         min_new_tokens: EOS suppressed before this many new tokens (`SuppressEOS`; 0 = off).
+        fast_cpu_sampling: draw with `sample_categorical` on CPU (`cpu_sampling`).
     """
     chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     size = micro_batch_size or len(query_ids)
@@ -155,12 +205,13 @@ def generate(
     if min_new_tokens:
         processors.append(SuppressEOS(width, min_new_tokens, eos_token_id))
     for start in range(0, len(query_ids), size):
-        out = model.generate(
-            input_ids=query_ids[start : start + size],
-            attention_mask=query_mask[start : start + size],
-            generation_config=config,
-            logits_processor=processors,
-        )
+        with cpu_sampling() if fast_cpu_sampling else contextlib.nullcontext():
+            out = model.generate(
+                input_ids=query_ids[start : start + size],
+                attention_mask=query_mask[start : start + size],
+                generation_config=config,
+                logits_processor=processors,
+            )
         ids = out.sequences[:, width:]  # [b, r]
         step_logits = list(out.logits) if with_logprobs else []  # r × Float[b, V]
         del out  # the list is now the only owner of the per-step logits

@@ -112,6 +112,46 @@ class LocalOps:
         return contextlib.nullcontext()
 
 
+def _exact_kl_reference(models: PPOModels, micro: Experience, kl_cfg: KLConfig, gen):
+    """Reference logits Float[b, R, V] for the exact-KL loss term (`kl.mode: loss`,
+    `estimator: full`), else None."""
+    if kl_cfg.mode != "loss" or kl_cfg.estimator != "full":
+        return None
+    with torch.no_grad(), models.reference_model() as ref_model:
+        _, ref_logits = reference_logprobs(
+            ref_model, micro, temperature=gen.temperature, keep_logits=True
+        )
+    return ref_logits
+
+
+def _value_term(models, micro, out, n_tokens, upd, weights, stats) -> torch.Tensor | None:
+    """Clipped value loss of one micro-batch (None without a critic); its stats into `stats`."""
+    shared = models.value_head is not None
+    if not shared and models.critic is None:
+        return None
+    values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
+    v_loss, v_stats = value_loss(
+        values,
+        micro.old_values,
+        micro.returns,
+        micro.response_mask,
+        n_tokens,
+        upd.value_clip,
+        weights=weights,
+    )
+    stats.add(v_stats, "val/")
+    return v_loss
+
+
+def _kl_term(out, micro, kl_cfg: KLConfig, n_tokens, weights) -> torch.Tensor:
+    """KL-to-reference loss term of one micro-batch (`kl.mode: loss`)."""
+    if kl_cfg.estimator == "full":
+        kl = out["kl"]
+    else:
+        kl = kl_penalty(out["logprobs"], micro.ref_logprobs, kl_cfg.estimator)
+    return kl_loss(kl, micro.response_mask, n_tokens, weights=weights)
+
+
 def _micro_losses(
     models: PPOModels,
     micro: Experience,
@@ -128,16 +168,12 @@ def _micro_losses(
     weights = None  # token_mean: mask / n_tokens inside the losses
     if upd.loss_aggregation != "token_mean":
         weights = token_weights(mask, upd.loss_aggregation, n_tokens, n_seqs, gen.max_new_tokens)
-    ref_logits = None
-    kl_in_loss = kl_cfg.mode == "loss"
-    if kl_in_loss and kl_cfg.estimator == "full":
-        with torch.no_grad(), models.reference_model() as ref_model:
-            _, ref_logits = reference_logprobs(
-                ref_model, micro, temperature=gen.temperature, keep_logits=True
-            )
-    shared = models.value_head is not None
     out = response_forward(
-        models.policy, micro, temperature=gen.temperature, ref_logits=ref_logits, with_hidden=shared
+        models.policy,
+        micro,
+        temperature=gen.temperature,
+        ref_logits=_exact_kl_reference(models, micro, kl_cfg, gen),
+        with_hidden=models.value_head is not None,
     )
     logp = out["logprobs"]  # [b, R]
     pg_loss, pg_stats = policy_loss(
@@ -152,27 +188,18 @@ def _micro_losses(
     )
     entropy = entropy_bonus(out["entropy"], mask, n_tokens)  # token mean (logged)
     if weights is not None:
-        loss = pg_loss - upd.ent_coef * entropy_bonus(out["entropy"], mask, n_tokens, weights)
+        entropy_term = entropy_bonus(out["entropy"], mask, n_tokens, weights)
     else:
-        loss = pg_loss - upd.ent_coef * entropy
+        entropy_term = entropy
+    loss = pg_loss - upd.ent_coef * entropy_term
     terms = {"loss/policy": pg_loss, "policy/entropy": entropy}
-    if shared or models.critic is not None:
-        values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
-        v_loss, v_stats = value_loss(
-            values, micro.old_values, micro.returns, mask, n_tokens, upd.value_clip, weights=weights
-        )
+    v_loss = _value_term(models, micro, out, n_tokens, upd, weights, stats)
+    if v_loss is not None:
         loss = loss + upd.vf_coef * v_loss
         terms["loss/value"] = v_loss
-        stats.add(v_stats, "val/")
-    if kl_in_loss:
-        kl = (
-            out["kl"]
-            if kl_cfg.estimator == "full"
-            else kl_penalty(logp, micro.ref_logprobs, kl_cfg.estimator)
-        )
-        k_loss = kl_loss(kl, mask, n_tokens, weights=weights)
+    if kl_cfg.mode == "loss":
+        terms["loss/kl"] = k_loss = _kl_term(out, micro, kl_cfg, n_tokens, weights)
         loss = loss + kl_coef * k_loss
-        terms["loss/kl"] = k_loss
     ops.backward(loss)
     terms["loss/total"] = loss
     stats.add({k: v.detach() for k, v in terms.items()})

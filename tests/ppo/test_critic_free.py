@@ -1,6 +1,9 @@
 """Critic-free estimators (GRPO, RLOO, REINFORCE++) in PPOModule on a tiny Llama: learning, no
 critic anywhere (module, optimizers, checkpoints), config errors, KL in the reward or the loss,
-PPO-ptx and LoRA, sample tables and per-group tags, resume equivalence."""
+PPO-ptx and LoRA, sample tables and per-group tags, resume equivalence.
+
+The scenarios (which samples earn reward, when the policy leaves the reference) come from fixed
+seeds chosen with torch's sampler, so the modules here keep `fast_cpu_sampling: false`."""
 
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ def _critic_free(tokenizer, config, advantage, k=4, **update):
     return _module(
         tokenizer,
         config,
-        generation=GenerationConfig(max_new_tokens=8, samples_per_prompt=k),
+        generation=GenerationConfig(
+            max_new_tokens=8, samples_per_prompt=k, fast_cpu_sampling=False
+        ),
         update=UpdateConfig(**upd),
         optim=OptimConfig(lr=3e-3, min_lr_ratio=1.0),
     )
@@ -140,7 +145,9 @@ def _fit_recording_step4(root, tokenizer, config, monkeypatch, advantage, mode, 
     module = _module(
         tokenizer,
         config,
-        generation=GenerationConfig(max_new_tokens=8, samples_per_prompt=4),
+        generation=GenerationConfig(
+            max_new_tokens=8, samples_per_prompt=4, fast_cpu_sampling=False
+        ),
         kl=KLConfig(coef=0.1, estimator="k3", mode=mode),
         update=UpdateConfig(advantage=advantage, ppo_epochs=1, num_minibatches=1),
         optim=OptimConfig(lr=1e-2, min_lr_ratio=1.0),
@@ -197,7 +204,9 @@ def test_grpo_with_ptx_and_a_lora_policy(tmp_path, tiny_tokenizer, tiny_config):
         tiny_tokenizer,
         tiny_config,
         model_spec=spec,
-        generation=GenerationConfig(max_new_tokens=8, samples_per_prompt=4),
+        generation=GenerationConfig(
+            max_new_tokens=8, samples_per_prompt=4, fast_cpu_sampling=False
+        ),
         update=UpdateConfig(
             advantage="grpo", ppo_epochs=2, num_minibatches=2, ptx_coef=0.5, ptx_batch_size=4
         ),
@@ -273,7 +282,9 @@ def _resume_run(root, tokenizer, config, ckpt_in=None, saver=None):
         tokenizer,
         config,
         reward=RewardConfig(function=TOY, function_kwargs={"word": "good"}, normalize="running"),
-        generation=GenerationConfig(max_new_tokens=8, samples_per_prompt=4),
+        generation=GenerationConfig(
+            max_new_tokens=8, samples_per_prompt=4, fast_cpu_sampling=False
+        ),
         update=UpdateConfig(advantage="grpo", ppo_epochs=1, num_minibatches=2, micro_batch_size=3),
         kl=KLConfig(coef=0.05, target=1.0, horizon=100),
         optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=8),

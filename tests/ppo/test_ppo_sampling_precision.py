@@ -3,7 +3,9 @@ padding, and training under Lightning's mixed-precision plugins.
 
 Two float32 routes to the same statistics (KV-cached sampler vs full forward, trimmed vs padded
 rows) are compared with the float32 rule of tests/conftest.py: the route under test is within
-twice the error of the plain route against a float64 forward of the same model and tokens.
+twice the error of the plain route against a float64 forward of the same model and tokens. The
+scenarios (responses ending at different lengths) come from seeds chosen with torch's sampler,
+so the modules keep `fast_cpu_sampling: false`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _module(tokenizer, config, **kw):
             function_kwargs={"word": "good"},
             normalize="none",
         ),
-        "generation": GenerationConfig(max_new_tokens=8),
+        "generation": GenerationConfig(max_new_tokens=8, fast_cpu_sampling=False),
         "kl": KLConfig(coef=0.01),
         "update": UpdateConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=4),
         "optim": OptimConfig(lr=3e-3, min_lr_ratio=1.0),
@@ -112,7 +114,11 @@ def test_sampler_logprobs_match_a_policy_forward(
             tiny_tokenizer,
             tiny_config,
             generation=GenerationConfig(
-                max_new_tokens=8, temperature=0.7, sampler_logprobs=sampled, micro_batch_size=3
+                max_new_tokens=8,
+                temperature=0.7,
+                sampler_logprobs=sampled,
+                micro_batch_size=3,
+                fast_cpu_sampling=False,
             ),
             kl=KLConfig(coef=0.01, estimator=estimator),
         )
