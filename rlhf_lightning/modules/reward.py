@@ -34,6 +34,7 @@ from rlhf_lightning.modules.reward_packing import (
     packing_is_exact,
     score_rows_packed,
 )
+from rlhf_lightning.ppo.varlen import gradient_checkpointing
 
 
 @dataclass
@@ -100,6 +101,7 @@ class RewardModule(StageModule):
             )
         self.save_plain_hparams()
         self._packed_ok = False
+        self._per_group = False
         self.model = None
         self.train_acc = PairwiseAccuracy()
         self.val_acc = PairwiseAccuracy()
@@ -129,6 +131,12 @@ class RewardModule(StageModule):
                     f"model.packing.enabled: {type(self.model).__name__} does not support packed scoring; "
                     "using padded rows"
                 )
+            self._per_group = (
+                self._packed_ok
+                and self.packing_cfg.attention_per_group
+                and not gradient_checkpointing(self.model)
+                and packing_is_exact(self.model, len(tokenizer), per_group=True)
+            )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `Float[R]` for rows `input_ids [R, T]`, read at the last attended token."""
@@ -144,7 +152,12 @@ class RewardModule(StageModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, T]
         if self._packed_ok and int(mask.sum()) <= self.packing_cfg.max_tokens:
             return score_rows_packed(
-                self.model, ids, mask, batch["group"], int(batch["num_groups"])
+                self.model,
+                ids,
+                mask,
+                batch["group"],
+                int(batch["num_groups"]),
+                per_group=self._per_group,
             )
         return self(ids, mask)
 

@@ -18,8 +18,10 @@ row outside it. Each reward is read at the row's last token.
 Needs a backbone that accepts `position_ids` and a prepared 4-D mask through its SDPA or
 eager attention (Llama, Mistral, Qwen2/3, SmolLM, ... in transformers ≥ 4.48);
 `packing_is_exact` checks a model once, and `RewardModule` falls back to padded scoring
-when it fails. The attention cost is O(N²) in the packed length, so very large batches
-are better split into micro-batches.
+when it fails. With one dense mask the attention cost is O(N²) in the packed length; by default
+(`attention_per_group`) each group's tokens attend as one right-padded row with their own mask
+(`ppo.varlen`), which costs Σ T_g² — on the HH benchmark batch (4 pairs, ≤ 256 tokens each) about a
+quarter of the dense mask's attention.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class PackingConfig:
     not support it."""
     max_tokens: int = 8192
     """Batches whose packed length exceeds this use padded rows (the packed mask is N x N)."""
+    attention_per_group: bool = True
+    """Attend per group (`ppo.varlen.masked_segments`: each prompt's tokens as one right-padded
+    row with its own mask; Σ T_g² score entries instead of N², the linear layers still on the N
+    packed tokens). Off for a gradient-checkpointed backbone (its recomputation would not see
+    it); false = one dense N x N mask."""
 
 
 def shared_prefix_lengths(
@@ -125,10 +132,18 @@ def score_rows_packed(
     attention_mask: torch.Tensor,
     group: torch.Tensor,
     num_groups: int,
+    per_group: bool = False,
 ) -> torch.Tensor:
-    """Rewards `Float[R]` of a right-padded stacked batch from one packed forward."""
+    """Rewards `Float[R]` of a right-padded stacked batch from one packed forward (`per_group`:
+    attention per group, `ppo.varlen.masked_segments`; else one dense [N, N] mask)."""
+    from rlhf_lightning.ppo import varlen
+
     backbone, head = backbone_and_head(model)
     ids, positions, allowed, last = pack_groups(input_ids, attention_mask, group, num_groups)
+    if per_group:
+        lengths = _group_lengths(allowed.shape[-1], positions[0])  # [G]
+        layout = varlen.masked_segments(lengths, allowed[0, 0])
+        return scalar_head(head, varlen.varlen_call(backbone, ids, positions, layout)[last])
     dtype = next(backbone.parameters()).dtype
     mask = _attention_mask_for(backbone, allowed, dtype)  # [1, 1, N, N]
     hidden = backbone(
@@ -137,9 +152,20 @@ def score_rows_packed(
     return scalar_head(head, hidden[0, last])  # [R]
 
 
+def _group_lengths(n: int, positions: torch.Tensor) -> torch.Tensor:
+    """Tokens per group Long[G] of a packed row of `n` tokens: a group starts where the position
+    ids `positions` Long[N] restart at 0 (its shared prompt's first token)."""
+    starts = torch.nonzero(positions == 0).flatten()  # [G]
+    ends = torch.cat([starts[1:], torch.tensor([n], device=starts.device)])
+    return ends - starts
+
+
 @torch.no_grad()
-def packing_is_exact(model: nn.Module, vocab_size: int, atol: float = 1e-4) -> bool:
-    """True when packed and padded scoring agree on a small random batch for `model`."""
+def packing_is_exact(
+    model: nn.Module, vocab_size: int, atol: float = 1e-4, per_group: bool = False
+) -> bool:
+    """True when packed (`per_group`: attention per group) and padded scoring agree on a small
+    random batch for `model`."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (3, 7), generator=gen)  # [3, 7]
@@ -149,9 +175,9 @@ def packing_is_exact(model: nn.Module, vocab_size: int, atol: float = 1e-4) -> b
     was_training = model.training
     model.eval()
     try:
-        packed = score_rows_packed(model, ids, mask, group, 2)
+        packed = score_rows_packed(model, ids, mask, group, 2, per_group=per_group)
         padded = score_rows(model, ids, mask)
-    except (TypeError, ValueError, RuntimeError, IndexError):
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
         return False
     finally:
         model.train(was_training)

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from rlhf_lightning.models.reward_export import backbone_and_head
-from rlhf_lightning.ppo import packing
+from rlhf_lightning.ppo import packing, varlen
 from rlhf_lightning.ppo.config import COMPILE_ROLES, ComputeConfig
 
 if TYPE_CHECKING:
@@ -176,8 +176,16 @@ def configure_module(role: str, kind: str, module: nn.Module, cfg: ComputeConfig
             f"model.compute.pack_groups: the {role} model does not give packed == padded results "
             "(attention implementation or LM head); its forwards stay padded"
         )
-    padding_free = cfg.padding_free and packing.packing_matches(kind, module, varlen=True)
-    if cfg.padding_free and not padding_free:
+    checkpointed = varlen.gradient_checkpointing(module)
+    if cfg.padding_free and checkpointed:
+        rank_zero_warn(
+            f"model.compute.padding_free: off for the {role} model — gradient checkpointing "
+            "recomputes its forward outside the padding-free call; its forwards stay padded"
+        )
+    padding_free = (
+        cfg.padding_free and not checkpointed and packing.packing_matches(kind, module, varlen=True)
+    )
+    if cfg.padding_free and not checkpointed and not padding_free:
         rank_zero_warn(
             f"model.compute.padding_free: the {role} model does not give padding-free == padded "
             "results (attention implementation or LM head); its forwards stay padded"

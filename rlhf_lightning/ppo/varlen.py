@@ -13,7 +13,8 @@ rounding. Cost: two gathers of N × H per layer; attention stays O(Σ T_max²) a
 
 The trunk switches to `rlhf_varlen` only for the packed call (`config._attn_implementation`,
 restored afterwards); any other call — `generate`, a padded forward — runs the model's own
-attention. Works for decoder trunks that route attention through `ALL_ATTENTION_FUNCTIONS`
+attention. A gradient-checkpointed model would recompute its forward in backward after the
+switch is undone, so such models stay padded (`gradient_checkpointing`). Works for decoder trunks that route attention through `ALL_ATTENTION_FUNCTIONS`
 and take `position_ids` (Llama, Mistral, Qwen2/3, SmolLM, … in transformers ≥ 5);
 `packing.packing_matches(..., varlen=True)` checks each model once and keeps padded rows for one
 that does not match.
@@ -37,7 +38,19 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from rlhf_lightning.models.masks import position_ids
 
-__all__ = ["VARLEN", "VarlenLayout", "layout_of", "varlen_attention", "varlen_trunk"]
+__all__ = [
+    "VARLEN",
+    "VarlenLayout",
+    "layout_of",
+    "masked_segments",
+    "varlen_attention",
+    "varlen_call",
+    "gradient_checkpointing",
+    "varlen_trunk",
+    "varlen_lm",
+    "varlen_values",
+    "varlen_scores",
+]
 
 VARLEN = "rlhf_varlen"
 """The attention-implementation name registered with transformers."""
@@ -54,20 +67,45 @@ class VarlenLayout:
     last token past its length: those slots are never attended and their outputs are dropped)."""
     to_packed: torch.Tensor
     """Long[N] index into the B · T_max right-padded slots of each packed token."""
+    row_mask: torch.Tensor | None = None
+    """Bool[B, 1, T_max, T_max] query slot may attend key slot, for rows whose attention is not
+    plain causal (a reward-model pair row: the rejected response does not see the chosen one);
+    None = causal. Padded slots see only themselves."""
+
+
+def _segments(lengths: torch.Tensor) -> tuple[VarlenLayout, torch.Tensor]:
+    """(layout, first packed index Long[B]) of B consecutive segments of `lengths` Long[B]."""
+    device = lengths.device
+    starts = torch.cumsum(lengths, 0) - lengths  # [B]
+    width = int(lengths.max())
+    slot = torch.arange(width, device=device)  # [T_max]
+    to_rows = starts[:, None] + torch.minimum(slot[None], (lengths - 1)[:, None])  # [B, T_max]
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # [N]
+    to_packed = rows * width + (torch.arange(len(rows), device=device) - starts[rows])  # [N]
+    return VarlenLayout(to_rows, to_packed), starts
 
 
 def layout_of(attention_mask: torch.Tensor) -> tuple[VarlenLayout, torch.Tensor, torch.Tensor]:
     """(layout, real Bool[B, T], flat start Long[B]) of the real tokens of `attention_mask`
     Long[B, T] (each row's real tokens contiguous, any padding side)."""
     real = attention_mask.bool()  # [B, T]
-    lengths = real.sum(1)  # [B]
-    starts = torch.cumsum(lengths, 0) - lengths  # [B] first packed index of each row
-    width = int(lengths.max())
-    slot = torch.arange(width, device=real.device)  # [T_max]
-    to_rows = starts[:, None] + torch.minimum(slot[None], (lengths - 1)[:, None])  # [B, T_max]
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=real.device), lengths)  # [N]
-    to_packed = rows * width + (torch.arange(len(rows), device=real.device) - starts[rows])  # [N]
-    return VarlenLayout(to_rows, to_packed), real, starts
+    layout, starts = _segments(real.sum(1))
+    return layout, real, starts
+
+
+def masked_segments(lengths: torch.Tensor, allowed: torch.Tensor) -> VarlenLayout:
+    """The layout of a packed row made of consecutive segments (`lengths` Long[G]) whose tokens
+    attend as `allowed` Bool[N, N] says, zero across segments: each segment's block becomes the
+    `row_mask` of one right-padded row, so attention costs Σ T_g² instead of N²."""
+    layout, _ = _segments(lengths)
+    width = layout.to_rows.shape[1]
+    slot = torch.arange(width, device=lengths.device)
+    valid = slot[None] < lengths[:, None]  # [G, T_max]
+    rows = layout.to_rows
+    block = allowed[rows[:, :, None], rows[:, None, :]]  # [G, T_max, T_max]
+    block = block & valid[:, :, None] & valid[:, None, :]
+    block = block | torch.eye(width, dtype=torch.bool, device=lengths.device)  # padding: itself
+    return VarlenLayout(layout.to_rows, layout.to_packed, block[:, None])
 
 
 def varlen_attention(
@@ -96,17 +134,19 @@ def varlen_attention(
 
     q, k, v = rows(query), rows(key), rows(value)
     window, width = kwargs.get("sliding_window"), q.shape[2]
-    band = None  # causal within a sliding window, where the model has one shorter than T_max
-    if window is not None and width > window:
+    mask = layout.row_mask  # [B, 1, T_max, T_max] or None (causal)
+    if window is not None and width > window:  # causal within the model's sliding window
         i = torch.arange(width, device=q.device)
         band = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)  # [T_max, T_max]
+        band = band | torch.eye(width, dtype=torch.bool, device=q.device)
+        mask = band if mask is None else mask & band
     out = F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=band,
+        attn_mask=mask,
         dropout_p=dropout if module.training else 0.0,
-        is_causal=band is None,
+        is_causal=mask is None,
         scale=scaling,
         enable_gqa=k.shape[1] != q.shape[1],
     )  # [B, h, T_max, d]
@@ -122,6 +162,13 @@ def _no_mask(*args, **kwargs) -> None:
 
 AttentionInterface.register(VARLEN, varlen_attention)
 AttentionMaskInterface.register(VARLEN, _no_mask)
+
+
+def gradient_checkpointing(module: nn.Module) -> bool:
+    """Whether any submodule of `module` recomputes its forward in backward (transformers'
+    `gradient_checkpointing`). The recomputation runs after the packed call has restored the
+    model's own attention, so such a model must not run padding-free while training."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -143,16 +190,30 @@ def varlen_trunk(trunk: nn.Module, seqs, forward=None) -> tuple[torch.Tensor, to
     Returns (hidden Float[N, H], index Long[B, T]); `forward` = the (compiled) callable of
     `trunk` (default: the trunk itself).
     """
+    if torch.is_grad_enabled() and trunk.training and gradient_checkpointing(trunk):
+        raise RuntimeError(
+            "padding-free forward of a gradient-checkpointed model: its recomputation in backward "
+            "would not see the per-sequence attention (set model.compute.padding_free: false)"
+        )
     mask = seqs.attention_mask  # [B, T]
     layout, real, starts = layout_of(mask)
     positions = position_ids(mask)  # [B, T] 0 at each row's first real token
     ids, pos = seqs.input_ids[real][None], positions[real][None]  # [1, N] each
+    out = varlen_call(trunk, ids, pos, layout, forward)  # [N, H]
+    index = starts[:, None] + positions  # [B, T]
+    return out, index
+
+
+def varlen_call(
+    trunk: nn.Module, ids: torch.Tensor, positions: torch.Tensor, layout: VarlenLayout, forward=None
+) -> torch.Tensor:
+    """Last hidden states Float[N, H] of the packed row `ids` / `positions` Long[1, N] through
+    `trunk` with per-row attention as `layout` says (`forward`: its compiled callable)."""
     with _attention_of(trunk, VARLEN):
         out = (trunk if forward is None else forward)(
-            input_ids=ids, position_ids=pos, use_cache=False, **{_LAYOUT_KEY: layout}
+            input_ids=ids, position_ids=positions, use_cache=False, **{_LAYOUT_KEY: layout}
         ).last_hidden_state  # [1, N, H]
-    index = starts[:, None] + positions  # [B, T]
-    return out[0], index
+    return out[0]
 
 
 def _response_index(seqs, index: torch.Tensor) -> torch.Tensor:

@@ -75,14 +75,18 @@ def test_shared_prefix_and_layout():
     assert not allowed[0, 0, 8, :8].any()  # a new group sees nothing before it
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_scores_and_grads_equal_padded(tiny_config, attn, within_torch_error):
+@pytest.mark.parametrize(
+    "attn,per_group", [("sdpa", False), ("eager", False), ("sdpa", True), ("eager", True)]
+)
+def test_packed_scores_and_grads_equal_padded(tiny_config, attn, per_group, within_torch_error):
+    """Dense packed mask or attention per group (`per_group`, `ppo.varlen.masked_segments`):
+    scores and every parameter's gradient equal the padded forward's (float32 rule)."""
     config = dict(tiny_config(32), attn_implementation=attn)
     model = load_sequence_classifier(ModelSpec(config=config))
     model64 = copy.deepcopy(model).double()
     ids, mask = _batch(pad_id=3)  # pad == eos
     padded = score_rows(model, ids, mask)  # [R]
-    packed = score_rows_packed(model, ids, mask, GROUP, 3)  # [R]
+    packed = score_rows_packed(model, ids, mask, GROUP, 3, per_group=per_group)  # [R]
     exact = score_rows(model64, ids, mask)  # [R] float64
     within_torch_error(packed, padded, exact, name="scores")
     params = list(model.parameters())
@@ -92,4 +96,27 @@ def test_packed_scores_and_grads_equal_padded(tiny_config, attn, within_torch_er
     names = [n for n, _ in model.named_parameters()]
     for name, a, b, e in zip(names, g_pack, g_pad, g_exact):
         within_torch_error(a, b, e, name=name)
-    assert packing_is_exact(model, 32)
+    assert packing_is_exact(model, 32, per_group=per_group)
+    assert model.config._attn_implementation == attn  # switched only during the packed call
+
+
+def test_group_segments_of_a_packed_row():
+    """Segments start where position ids restart — a group, or each row of a group that shares
+    nothing (group 2) —; each segment's mask is its block of the dense mask, padded slots seeing
+    only themselves, and the dense mask has nothing outside the blocks."""
+    from rlhf_lightning.modules.reward_packing import _group_lengths, pack_groups
+    from rlhf_lightning.ppo.varlen import masked_segments
+
+    ids, mask = _batch(pad_id=3)
+    packed_ids, positions, allowed, _ = pack_groups(ids, mask, GROUP, 3)
+    lengths = _group_lengths(packed_ids.shape[1], positions[0])
+    assert lengths.tolist() == [8, 8, 1, 3]  # prompt + own tokens; group 2 split by row
+    layout = masked_segments(lengths, allowed[0, 0])
+    start = 0
+    for g, n in enumerate(lengths.tolist()):
+        block = layout.row_mask[g, 0]
+        assert torch.equal(block[:n, :n], allowed[0, 0, start : start + n, start : start + n])
+        assert not block[:n, n:].any() and not block[n:, :n].any()  # no padded key / query
+        assert torch.equal(block[n:, n:], torch.eye(len(block) - n, dtype=torch.bool))
+        assert not allowed[0, 0, start : start + n, :start].any()  # nothing across segments
+        start += n

@@ -230,3 +230,14 @@ def test_ppo_module_padding_free_like_padded(tiny_tokenizer, tiny_config, monkey
     for field in ("logprobs", "ref_logprobs", "entropy", "values"):
         a, b = getattr(on, field), getattr(off, field)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), field  # two float32 routes
+
+
+def test_gradient_checkpointed_models_stay_padded():
+    """Recomputation in backward would run outside the packed call: such a model stays padded."""
+    model = LlamaForCausalLM(_config()).train()
+    model.gradient_checkpointing_enable()
+    with pytest.warns(UserWarning, match="gradient checkpointing"):
+        plan = configure_module("policy", "lm", model, ComputeConfig())
+    assert not plan.padding_free and plan.route(None) == "padded"
+    with pytest.raises(RuntimeError, match="gradient-checkpointed"):
+        varlen.varlen_lm(model, _rollout())
