@@ -142,7 +142,7 @@ def score_rows_packed(
     ids, positions, allowed, last = pack_groups(input_ids, attention_mask, group, num_groups)
     if per_group:
         lengths = _group_lengths(allowed.shape[-1], positions[0])  # [G]
-        layout = varlen.masked_segments(lengths, allowed[0, 0])
+        layout = varlen.masked_segments(lengths, allowed[0, 0], positions[0])
         return scalar_head(head, varlen.varlen_call(backbone, ids, positions, layout)[last])
     dtype = next(backbone.parameters()).dtype
     mask = _attention_mask_for(backbone, allowed, dtype)  # [1, 1, N, N]
@@ -166,6 +166,10 @@ def packing_is_exact(
 ) -> bool:
     """True when packed (`per_group`: attention per group) and padded scoring agree on a small
     random batch for `model`."""
+    from rlhf_lightning.ppo.varlen import sliding_window_of
+
+    if not per_group and sliding_window_of(model):
+        return False  # a 4-D mask would replace the model's sliding window
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (3, 7), generator=gen)  # [3, 7]

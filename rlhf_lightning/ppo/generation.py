@@ -91,9 +91,17 @@ def sample_categorical(probs: torch.Tensor, generator=None) -> torch.Tensor:
     probability exceeds u · total, so a zero-probability entry is never drawn.
     """
     cdf = probs.double().cumsum(-1)  # [b, V]
+    total = cdf[:, -1:]  # [b, 1]
     u = torch.rand(len(cdf), 1, dtype=torch.float64, device=cdf.device, generator=generator)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [b, 1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    index = torch.searchsorted(cdf, target, right=True)  # [b, 1]
     return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def _valid_probabilities(probs: torch.Tensor) -> bool:
+    """Every entry finite and ≥ 0 and every row's sum > 0 (what `torch.multinomial` checks)."""
+    total = probs.sum(-1)
+    return bool(torch.isfinite(total).all() and (total > 0).all() and probs.min() >= 0)
 
 
 @contextlib.contextmanager
@@ -103,8 +111,9 @@ def cpu_sampling() -> Iterator[None]:
     original = torch.multinomial
 
     def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
-        if num_samples == 1 and input.dim() == 2 and input.device.type == "cpu" and out is None:
-            return sample_categorical(input, generator)
+        single = num_samples == 1 and input.dim() == 2 and input.device.type == "cpu"
+        if single and out is None and _valid_probabilities(input):
+            return sample_categorical(input, generator)  # else torch's sampler raises as before
         kwargs = {"generator": generator} if out is None else {"generator": generator, "out": out}
         return original(input, num_samples, replacement, **kwargs)
 

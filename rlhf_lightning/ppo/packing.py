@@ -258,6 +258,8 @@ def packing_matches(kind: str, model: nn.Module, atol: float = 1e-4, varlen: boo
     from rlhf_lightning.models.reward_export import backbone_and_head
     from rlhf_lightning.ppo import varlen as padding_free
 
+    if not varlen and padding_free.sliding_window_of(model):
+        return False  # the 4-D mask would replace the model's sliding window
     param = next(model.parameters())
     rollout, group = _probe(min(_vocab_size(model), 1000), param.device)
     was_training = model.training

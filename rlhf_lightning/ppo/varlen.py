@@ -45,6 +45,7 @@ __all__ = [
     "masked_segments",
     "varlen_attention",
     "varlen_call",
+    "sliding_window_of",
     "gradient_checkpointing",
     "varlen_trunk",
     "varlen_lm",
@@ -71,6 +72,10 @@ class VarlenLayout:
     """Bool[B, 1, T_max, T_max] query slot may attend key slot, for rows whose attention is not
     plain causal (a reward-model pair row: the rejected response does not see the chosen one);
     None = causal. Padded slots see only themselves."""
+    slot_positions: torch.Tensor | None = None
+    """Long[B, T_max] position id of each slot, where it is not the slot index (rows with a
+    `row_mask`: a second response continues its prompt's positions); the sliding window is
+    measured in positions."""
 
 
 def _segments(lengths: torch.Tensor) -> tuple[VarlenLayout, torch.Tensor]:
@@ -93,10 +98,13 @@ def layout_of(attention_mask: torch.Tensor) -> tuple[VarlenLayout, torch.Tensor,
     return layout, real, starts
 
 
-def masked_segments(lengths: torch.Tensor, allowed: torch.Tensor) -> VarlenLayout:
+def masked_segments(
+    lengths: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor
+) -> VarlenLayout:
     """The layout of a packed row made of consecutive segments (`lengths` Long[G]) whose tokens
-    attend as `allowed` Bool[N, N] says, zero across segments: each segment's block becomes the
-    `row_mask` of one right-padded row, so attention costs Σ T_g² instead of N²."""
+    attend as `allowed` Bool[N, N] says, zero across segments, with position ids `positions`
+    Long[N]: each segment's block becomes the `row_mask` of one right-padded row, so attention
+    costs Σ T_g² instead of N²."""
     layout, _ = _segments(lengths)
     width = layout.to_rows.shape[1]
     slot = torch.arange(width, device=lengths.device)
@@ -105,7 +113,7 @@ def masked_segments(lengths: torch.Tensor, allowed: torch.Tensor) -> VarlenLayou
     block = allowed[rows[:, :, None], rows[:, None, :]]  # [G, T_max, T_max]
     block = block & valid[:, :, None] & valid[:, None, :]
     block = block | torch.eye(width, dtype=torch.bool, device=lengths.device)  # padding: itself
-    return VarlenLayout(layout.to_rows, layout.to_packed, block[:, None])
+    return VarlenLayout(layout.to_rows, layout.to_packed, block[:, None], positions[rows])
 
 
 def varlen_attention(
@@ -133,13 +141,7 @@ def varlen_attention(
         return x[0][:, layout.to_rows].transpose(0, 1)
 
     q, k, v = rows(query), rows(key), rows(value)
-    window, width = kwargs.get("sliding_window"), q.shape[2]
-    mask = layout.row_mask  # [B, 1, T_max, T_max] or None (causal)
-    if window is not None and width > window:  # causal within the model's sliding window
-        i = torch.arange(width, device=q.device)
-        band = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)  # [T_max, T_max]
-        band = band | torch.eye(width, dtype=torch.bool, device=q.device)
-        mask = band if mask is None else mask & band
+    mask = _with_window(layout, kwargs.get("sliding_window"), q.shape[2], q.device)
     out = F.scaled_dot_product_attention(
         q,
         k,
@@ -155,6 +157,23 @@ def varlen_attention(
     return packed[None], None
 
 
+def _with_window(
+    layout: VarlenLayout, window: int | None, width: int, device
+) -> torch.Tensor | None:
+    """The attention mask of the padded rows: `layout.row_mask` (None = causal), and where the
+    model has a sliding window shorter than the rows, only keys fewer than `window` positions
+    back (padded slots still see themselves)."""
+    mask = layout.row_mask  # [B, 1, T_max, T_max] or None
+    if window is None or width <= window:
+        return mask
+    slots = torch.arange(width, device=device)
+    pos = layout.slot_positions if layout.slot_positions is not None else slots[None]  # [B|1, T]
+    near = (pos[:, :, None] - pos[:, None, :]) < window  # [B|1, T_max, T_max]
+    causal = slots[None, :] <= slots[:, None]  # [T_max, T_max]
+    base = causal[None, None] if mask is None else mask
+    return (base & near[:, None]) | torch.eye(width, dtype=torch.bool, device=device)
+
+
 def _no_mask(*args, **kwargs) -> None:
     """The mask builder of `rlhf_varlen`: none (attention is causal per sequence)."""
     return None
@@ -162,6 +181,23 @@ def _no_mask(*args, **kwargs) -> None:
 
 AttentionInterface.register(VARLEN, varlen_attention)
 AttentionMaskInterface.register(VARLEN, _no_mask)
+
+
+def sliding_window_of(module: nn.Module) -> bool:
+    """Whether `module` (any submodule's config) attends within a sliding window: a 4-D mask
+    handed to transformers' attention replaces that window, so dense-mask packing must not be
+    used for it (the per-sequence attention here applies the window itself)."""
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is None:
+            continue
+        layer_types = getattr(config, "layer_types", None) or ()
+        windowed = getattr(config, "sliding_window", None) is not None and getattr(
+            config, "use_sliding_window", True
+        )
+        if windowed or "sliding_attention" in layer_types:
+            return True
+    return False
 
 
 def gradient_checkpointing(module: nn.Module) -> bool:

@@ -111,7 +111,7 @@ def test_group_segments_of_a_packed_row():
     packed_ids, positions, allowed, _ = pack_groups(ids, mask, GROUP, 3)
     lengths = _group_lengths(packed_ids.shape[1], positions[0])
     assert lengths.tolist() == [8, 8, 1, 3]  # prompt + own tokens; group 2 split by row
-    layout = masked_segments(lengths, allowed[0, 0])
+    layout = masked_segments(lengths, allowed[0, 0], positions[0])
     start = 0
     for g, n in enumerate(lengths.tolist()):
         block = layout.row_mask[g, 0]
@@ -120,3 +120,34 @@ def test_group_segments_of_a_packed_row():
         assert torch.equal(block[n:, n:], torch.eye(len(block) - n, dtype=torch.bool))
         assert not allowed[0, 0, start : start + n, :start].any()  # nothing across segments
         start += n
+
+
+def test_sliding_window_models_pack_per_group_only(within_torch_error):
+    """A Mistral RM with a 4-token window over a 3-token prompt and two 5-token responses: per-group
+    packed scores equal the padded ones (the window counted in positions, so the second response
+    still sees the prompt); the dense 4-D mask, which would replace the window, is refused."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    model = MistralForSequenceClassification(config).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 13, 14, 15, 16, 17]])
+    mask = torch.ones_like(ids)
+    group = torch.tensor([0, 0])
+    with torch.no_grad():
+        padded = score_rows(model, ids, mask)
+        exact = score_rows(copy.deepcopy(model).double(), ids, mask)
+        packed = score_rows_packed(model, ids, mask, group, 1, per_group=True)
+    within_torch_error(packed, padded, exact, name="scores")
+    assert packing_is_exact(model, 32, per_group=True)
+    assert not packing_is_exact(model, 32)  # dense mask

@@ -3,6 +3,7 @@ against the CDF draws from the same categorical distribution as `torch.multinomi
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,3 +84,12 @@ def test_generate_uses_it_only_when_asked(monkeypatch):
         assert out.response_ids.shape == (2, 5) and bool((out.response_ids != 2).all())
         assert torch.isfinite(out.logprobs).all()
         assert len(calls) == (5 if fast else 0)
+
+
+@pytest.mark.parametrize(
+    "row", [[float("nan"), 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, float("inf"), 0.0, 0.0]]
+)
+def test_invalid_probabilities_still_raise(row):
+    """NaN, inf or all-zero rows (a diverged policy) fail as torch's sampler does, not silently."""
+    with cpu_sampling(), pytest.raises(RuntimeError):
+        torch.multinomial(torch.tensor([row, [0.5, 0.5, 0.0, 0.0]]), 1)
