@@ -50,7 +50,6 @@ import torch
 
 from benchmarks import ppo_sides, trl_env
 from benchmarks.ppo_sides import PHASES, fmt
-from benchmarks.results_io import git_sha, utc_timestamp
 from benchmarks.trl_ppo_baseline import (
     RESULTS,
     Workload,
@@ -195,30 +194,12 @@ def _parameters_in_memory(models) -> dict:
     }
 
 
-def run_ours(
-    work: Workload,
-    profile_dir: Path | None = None,
-    advantage: str = "gae",
-    samples: int = 1,
-    compute: dict | None = None,
-) -> dict:
-    """Fit PPOModule for `work.iterations` (+1 profiled) iterations; per-iteration timings, the
-    parameters in memory and this process's peak RSS. `compute`: `ComputeConfig` fields (with
-    `compile`, the compile seconds / graph count after the last iteration are reported)."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
+def _iteration_clock(base, work: Workload, profile_dir, per_iter: list, held: dict):
+    """A Lightning callback (`base` = `pl.Callback`) timing each training step into `per_iter`
+    (phases from `ppo/perf/*`) and the parameters in memory into `held`; with `profile_dir`, the
+    extra last step is recorded with `torch.profiler` instead."""
 
-    tokenizer = build_tokenizer()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
-    n_batches = work.iterations + (1 if profile_dir else 0)
-    batches = _prompt_batches(work, tokenizer, n_batches, samples)
-    loader = DataLoader(batches, batch_size=None)
-    torch.manual_seed(work.seed)
-    module = _build_module(work, tokenizer, tmp, advantage, samples, compute or {})
-    held: dict = {}
-    per_iter: list[dict] = []
-
-    class Clock(pl.Callback):
+    class Clock(base):
         prof = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -246,6 +227,32 @@ def run_ours(
             print(f"[ours] iteration {len(per_iter)}: " + fmt(row), flush=True)
             held.update(_parameters_in_memory(pl_module.models))
 
+    return Clock()
+
+
+def run_ours(
+    work: Workload,
+    profile_dir: Path | None = None,
+    advantage: str = "gae",
+    samples: int = 1,
+    compute: dict | None = None,
+) -> dict:
+    """Fit PPOModule for `work.iterations` (+1 profiled) iterations; per-iteration timings, the
+    parameters in memory and this process's peak RSS. `compute`: `ComputeConfig` fields (with
+    `compile`, the compile seconds / graph count after the last iteration are reported)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    tokenizer = build_tokenizer()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    n_batches = work.iterations + (1 if profile_dir else 0)
+    batches = _prompt_batches(work, tokenizer, n_batches, samples)
+    loader = DataLoader(batches, batch_size=None)
+    torch.manual_seed(work.seed)
+    module = _build_module(work, tokenizer, tmp, advantage, samples, compute or {})
+    held: dict = {}
+    per_iter: list[dict] = []
+    clock = _iteration_clock(pl.Callback, work, profile_dir, per_iter, held)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -253,7 +260,7 @@ def run_ours(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Clock()],
+        callbacks=[clock],
         default_root_dir=str(tmp),
     )
     try:
@@ -325,46 +332,6 @@ def _check_estimator(work: Workload, advantage: str, samples: int) -> None:
         raise SystemExit(f"--advantage {advantage} --samples-per-prompt {samples}: {err}") from None
 
 
-def _write_csv(work: Workload, sides: dict, ratios: dict, floor: dict | None) -> None:
-    """Rows of ours, our PPO and TRL (those that ran) appended to ppo_step.csv."""
-    import rlhf_lightning
-
-    version = getattr(rlhf_lightning, "__version__", "dev")
-    trl, ppo, ours = sides.get("trl"), sides.get("ppo"), sides["ours"]
-
-    def vs_trl(side: dict):
-        return round(side["iteration_s"] / trl["iteration_s"], 3) if trl else ""
-
-    rss = ratios["rss_ratio_vs_ppo"]
-    est = {"advantage": ours["advantage"], "samples_per_prompt": ours["samples_per_prompt"]}
-    rows = [
-        ppo_sides.csv_row(
-            ours,
-            work,
-            "rlhf_lightning",
-            version,
-            ratio_vs_trl=vs_trl(ours),
-            rss_ratio_vs_ppo=round(rss, 3) if rss else "",
-            floor_s_padded=floor["floor_s_padded"] if floor else "",
-            ratio_vs_floor=round(ratios["ratio_vs_floor"], 3) if floor else "",
-            compile=ours.get("compile", False),
-            padding_free=ours.get("padding_free", ""),
-            **est,
-        )
-    ]
-    gae = {"advantage": "gae", "samples_per_prompt": 1}
-    if ppo:
-        rows.append(
-            ppo_sides.csv_row(ppo, work, "rlhf_lightning", version, **gae, ratio_vs_trl=vs_trl(ppo))
-        )
-    if trl:
-        rows.append(ppo_sides.csv_row(trl, work, "trl", trl.get("trl", "1.12.0"), **gae))
-    ppo_sides.append_rows(
-        CSV_PATH, rows, {"timestamp_utc": utc_timestamp(), "git_sha": git_sha(ROOT)}
-    )
-    print(f"appended {len(rows)} row(s) to {CSV_PATH}")
-
-
 def _measure_floor(work: Workload) -> dict:
     """The workload's float32 GEMM floor on this machine, now (after the timed sides, so that the
     rate is taken under the load the iterations saw), with the CPU's bf16 capability."""
@@ -407,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = ppo_sides.print_table([(name, side) for name, side in named if side])
     ratios.update(ppo_sides.print_floor(floor, [(n, side) for n, side in named if side]))
     if not ns.no_csv:
-        _write_csv(work, sides, ratios, floor)
+        ppo_sides.write_csv(CSV_PATH, work, sides, ratios, floor)
     summary = {**sides, **ratios, "gemm_floor": floor}
     out = ns.out_json or RESULTS / f"ppo_step{tag}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.ppo_flop_floor import count_flops, gemm_shapes
+from benchmarks.ppo_flop_floor import best_gemm_rate, count_flops, gemm_shapes
 from benchmarks.trl_ppo_baseline import Workload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,19 +46,6 @@ def cpu_bf16_support() -> dict:
     }
 
 
-def best_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 7) -> float:
-    """Best GFLOP/s of a single `torch.mm` over `shapes` (m, k, n) in `dtype`."""
-    best = 0.0
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        torch.mm(a, b)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 @functools.lru_cache(maxsize=4)
 def _flops(work_key: tuple) -> dict:
     work = Workload(**dict(work_key))
@@ -81,8 +67,8 @@ def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
     extra_epochs = sum(flops[k] for k in per_minibatch) * (work.ppo_epochs - 1)
     dense = sum(v for k, v in flops.items() if k != "decode") + extra_epochs
     rows = work.batch_size * work.prompt_width
-    rate = best_rate(gemm_shapes(work, rows) + [(2048, 2048, 2048)], dtype)
-    decode_rate = best_rate(gemm_shapes(work, work.batch_size), dtype)
+    rate = best_gemm_rate(gemm_shapes(work, rows) + [(2048, 2048, 2048)], dtype=dtype)
+    decode_rate = best_gemm_rate(gemm_shapes(work, work.batch_size), dtype=dtype)
     decode_s = flops["decode"] / decode_rate / 1e9
     return {
         "dtype": str(dtype).removeprefix("torch."),

@@ -98,11 +98,13 @@ def count_flops(work: Workload) -> dict[str, int]:
     return flops
 
 
-def best_gemm_rate(shapes: list[tuple[int, int, int]], repeats: int = 7) -> float:
-    """Best float32 torch.mm GFLOP/s (fastest single call) over `shapes` (m, k, n)."""
+def best_gemm_rate(
+    shapes: list[tuple[int, int, int]], repeats: int = 7, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best torch.mm GFLOP/s in `dtype` (fastest single call) over `shapes` (m, k, n)."""
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         torch.mm(a, b)
         for _ in range(repeats):
             t0 = time.perf_counter()

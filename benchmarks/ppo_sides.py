@@ -19,6 +19,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from benchmarks.results_io import git_sha, utc_timestamp
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
 RSS_TARGET = 0.7
@@ -208,3 +210,39 @@ def _write(path: Path, rows: list[dict], mode: str) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def write_csv(path: Path, work, sides: dict, ratios: dict, floor: dict | None) -> None:
+    """Rows of ours, our PPO and TRL (those that ran) appended to the CSV at `path`."""
+    import rlhf_lightning
+
+    version = getattr(rlhf_lightning, "__version__", "dev")
+    trl, ppo, ours = sides.get("trl"), sides.get("ppo"), sides["ours"]
+
+    def vs_trl(side: dict):
+        return round(side["iteration_s"] / trl["iteration_s"], 3) if trl else ""
+
+    rss = ratios["rss_ratio_vs_ppo"]
+    est = {"advantage": ours["advantage"], "samples_per_prompt": ours["samples_per_prompt"]}
+    rows = [
+        csv_row(
+            ours,
+            work,
+            "rlhf_lightning",
+            version,
+            ratio_vs_trl=vs_trl(ours),
+            rss_ratio_vs_ppo=round(rss, 3) if rss else "",
+            floor_s_padded=floor["floor_s_padded"] if floor else "",
+            ratio_vs_floor=round(ratios["ratio_vs_floor"], 3) if floor else "",
+            compile=ours.get("compile", False),
+            padding_free=ours.get("padding_free", ""),
+            **est,
+        )
+    ]
+    gae = {"advantage": "gae", "samples_per_prompt": 1}
+    if ppo:
+        rows.append(csv_row(ppo, work, "rlhf_lightning", version, **gae, ratio_vs_trl=vs_trl(ppo)))
+    if trl:
+        rows.append(csv_row(trl, work, "trl", trl.get("trl", "1.12.0"), **gae))
+    append_rows(path, rows, {"timestamp_utc": utc_timestamp(), "git_sha": git_sha(ROOT)})
+    print(f"appended {len(rows)} row(s) to {path}")

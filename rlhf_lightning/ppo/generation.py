@@ -228,6 +228,12 @@ def generate(
         if with_logprobs:
             logp, entropy = _sampled_stats(step_logits, ids, eos_token_id, temperature)
         chunks.append((ids, logp, entropy))
+    return _joined(chunks, pad_token_id, eos_token_id, with_logprobs)
+
+
+def _joined(chunks: list, pad_token_id: int, eos_token_id, with_logprobs: bool) -> Samples:
+    """One `Samples` of the micro-batches' (ids Long[b, r], log-probs, entropy Float[b, r]),
+    right-padded to the longest response (ids with `pad_token_id`, statistics with 0)."""
     longest = max(c[0].shape[1] for c in chunks)
 
     def cat(index: int, value) -> torch.Tensor:
