@@ -118,6 +118,11 @@ def run_our_ppo(work, out: Path) -> dict:
     return {**json.loads(out.read_text())["ours"], "peak_rss_mb": peak}
 
 
+def _verdict(value: float, target: float) -> str:
+    """`(target ≤ x: met)` or `(… NOT met)` for a ratio `value` against its upper bound."""
+    return f"(target ≤ {target:.2f}: {'met' if value <= target else 'NOT met'})"
+
+
 def fmt(row: dict) -> str:
     """One iteration's phases as `key=seconds` pairs."""
     return " ".join(f"{k}={row[k]:.2f}" for k in PHASES if k in row)
@@ -141,18 +146,15 @@ def print_table(sides: list[tuple[str, dict]]) -> dict:
     out = {"ratio_iteration_s": None, "rss_ratio_vs_ppo": None}
     if trl:
         ratio = out["ratio_iteration_s"] = ours["iteration_s"] / trl["iteration_s"]
-        verdict = "met" if ratio <= TIME_TARGET else "NOT met"
-        print(f"\nours / TRL iteration time = {ratio:.2f} (target ≤ {TIME_TARGET:.2f}: {verdict})")
+        print(f"\nours / TRL iteration time = {ratio:.2f} {_verdict(ratio, TIME_TARGET)}")
         cpu_ratio = ours["iteration_cpu_s"] / trl["iteration_cpu_s"]
         print(f"ours / TRL iteration CPU time = {cpu_ratio:.2f} (less sensitive to other load)")
         for key in PHASES[2:]:
             phase = out[f"ratio_{key}"] = ours[key] / trl[key]
-            verdict = "met" if phase <= PHASE_TARGET else "NOT met"
-            print(f"ours / TRL {key} = {phase:.2f} (target ≤ {PHASE_TARGET:.2f}: {verdict})")
+            print(f"ours / TRL {key} = {phase:.2f} {_verdict(phase, PHASE_TARGET)}")
     if ppo:
         rss = out["rss_ratio_vs_ppo"] = ours["peak_rss_mb"] / ppo["peak_rss_mb"]
-        verdict = "met" if rss <= RSS_TARGET else "NOT met"
-        print(f"ours / our PPO peak RSS = {rss:.2f} (target ≤ {RSS_TARGET:.2f}: {verdict})")
+        print(f"ours / our PPO peak RSS = {rss:.2f} {_verdict(rss, RSS_TARGET)}")
         time_vs_ppo = ours["iteration_s"] / ppo["iteration_s"]
         print(f"ours / our PPO iteration time = {time_vs_ppo:.2f}")
     return out
@@ -168,13 +170,10 @@ def print_floor(floor: dict | None, sides: list[tuple[str, dict]]) -> dict:
         f"{floor['floor_s_padding_free']:.2f} s padding-free ({floor['gemm_gflops']:.0f} GFLOP/s, "
         f"decode {floor['decode_gemm_gflops']:.0f}; {floor['tflops_total_padded']:.2f} TFLOP)"
     )
-    ratio = None
-    for i, (label, side) in enumerate(sides):
-        r = side["iteration_s"] / floor["floor_s_padded"]
-        ratio = r if i == 0 else ratio
-        target = f" (target ≤ {FLOOR_TARGET:.2f}: {'met' if r <= FLOOR_TARGET else 'NOT met'})"
-        print(f"{label} / floor = {r:.2f}" + (target if i == 0 else ""))
-    return {"ratio_vs_floor": ratio}
+    ratios = [side["iteration_s"] / floor["floor_s_padded"] for _, side in sides]
+    for i, ((label, _), r) in enumerate(zip(sides, ratios)):
+        print(f"{label} / floor = {r:.2f}" + (f" {_verdict(r, FLOOR_TARGET)}" if i == 0 else ""))
+    return {"ratio_vs_floor": ratios[0]}
 
 
 def csv_row(result: dict, work, impl: str, version: str, **extra) -> dict:

@@ -89,14 +89,12 @@ def _response_logits(model: nn.Module, rollout: Rollout, with_hidden: bool):
     plan = plan_of(model)
     group = getattr(rollout, "group", None)
     route = plan.route(group)
-    if route != "padded":
-        if route == "groups":
-            packed = packing.pack_rows(rollout, group)
-            logits, hidden = packing.packed_lm(
-                model, packed, plan.trunk_call
-            )  # [B, R, V], [B, R, H]
-        else:
-            logits, hidden = varlen.varlen_lm(model, rollout, plan.trunk_call)
+    if route == "groups":
+        packed = packing.pack_rows(rollout, group)
+        logits, hidden = packing.packed_lm(model, packed, plan.trunk_call)  # [B, R, V], [B, R, H]
+        return logits, (hidden if with_hidden else None)
+    if route == "varlen":
+        logits, hidden = varlen.varlen_lm(model, rollout, plan.trunk_call)  # [B, R, V], [B, R, H]
         return logits, (hidden if with_hidden else None)
     steps = rollout.response_ids.shape[1]
     attention = rollout.attention_mask  # [B, P + R]

@@ -36,7 +36,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from rlhf_lightning.models.heads import scalar_head
 from rlhf_lightning.models.masks import position_ids
+from rlhf_lightning.ppo.packing import lm_trunk_and_head
 
 __all__ = [
     "VARLEN",
@@ -226,11 +228,6 @@ def varlen_trunk(trunk: nn.Module, seqs, forward=None) -> tuple[torch.Tensor, to
     Returns (hidden Float[N, H], index Long[B, T]); `forward` = the (compiled) callable of
     `trunk` (default: the trunk itself).
     """
-    if torch.is_grad_enabled() and trunk.training and gradient_checkpointing(trunk):
-        raise RuntimeError(
-            "padding-free forward of a gradient-checkpointed model: its recomputation in backward "
-            "would not see the per-sequence attention (set model.compute.padding_free: false)"
-        )
     mask = seqs.attention_mask  # [B, T]
     layout, real, starts = layout_of(mask)
     positions = position_ids(mask)  # [B, T] 0 at each row's first real token
@@ -245,6 +242,11 @@ def varlen_call(
 ) -> torch.Tensor:
     """Last hidden states Float[N, H] of the packed row `ids` / `positions` Long[1, N] through
     `trunk` with per-row attention as `layout` says (`forward`: its compiled callable)."""
+    if torch.is_grad_enabled() and trunk.training and gradient_checkpointing(trunk):
+        raise RuntimeError(
+            "padding-free forward of a gradient-checkpointed model: its recomputation in backward "
+            "would not see the per-sequence attention (set model.compute.padding_free: false)"
+        )
     with _attention_of(trunk, VARLEN):
         out = (trunk if forward is None else forward)(
             input_ids=ids, position_ids=positions, use_cache=False, **{_LAYOUT_KEY: layout}
@@ -264,8 +266,6 @@ def varlen_lm(model: nn.Module, seqs, trunk_forward=None) -> tuple[torch.Tensor,
     """(logits Float[B, R, V], hidden Float[B, R, H]) of a causal LM at the positions predicting
     each response token of `seqs` (a `Sequences`), padding-free; the LM head runs on those B·R
     positions only."""
-    from rlhf_lightning.ppo.packing import lm_trunk_and_head
-
     trunk, head = lm_trunk_and_head(model)
     hidden, index = varlen_trunk(trunk, seqs, trunk_forward)  # [N, H], [B, T]
     at = hidden[_response_index(seqs, index)]  # [B, R, H]
@@ -275,8 +275,6 @@ def varlen_lm(model: nn.Module, seqs, trunk_forward=None) -> tuple[torch.Tensor,
 def varlen_values(critic: nn.Module, seqs, trunk_forward=None) -> torch.Tensor:
     """Values Float[B, R] of a `CriticModel` (trunk + scalar head) at the response steps
     (unmasked), padding-free."""
-    from rlhf_lightning.models.heads import scalar_head
-
     hidden, index = varlen_trunk(critic.trunk, seqs, trunk_forward)  # [N, H], [B, T]
     return scalar_head(critic.head, hidden[_response_index(seqs, index)])  # [B, R]
 
@@ -284,7 +282,5 @@ def varlen_values(critic: nn.Module, seqs, trunk_forward=None) -> torch.Tensor:
 def varlen_scores(backbone: nn.Module, head: nn.Module, seqs, trunk_forward=None) -> torch.Tensor:
     """Sequence scores Float[B] of a classifier (backbone + scalar head) at each row's last real
     token, padding-free (the last column maps to it for either padding side)."""
-    from rlhf_lightning.models.heads import scalar_head
-
     hidden, index = varlen_trunk(backbone, seqs, trunk_forward)  # [N, H], [B, T]
     return scalar_head(head, hidden[index[:, -1]])  # [B]
