@@ -59,6 +59,8 @@ from benchmarks.trl_ppo_baseline import (
     llama_config,
     machine_info,
     model_config,
+    os_counters,
+    os_delta,
     summarise,
     warn_if_loaded,
 )
@@ -210,7 +212,7 @@ def _iteration_clock(base, work: Workload, profile_dir, per_iter: list, held: di
                     record_shapes=True,
                 )
                 self.prof.__enter__()
-            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+            self.t0, self.cpu0, self.os0 = time.perf_counter(), time.process_time(), os_counters()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             total = time.perf_counter() - self.t0
@@ -220,7 +222,7 @@ def _iteration_clock(base, work: Workload, profile_dir, per_iter: list, held: di
                 print(f"[ours] profiled iteration written to {profile_dir}", flush=True)
                 return
             perf = pl_module.history[-1]
-            row = {"iteration_s": total, "iteration_cpu_s": cpu}
+            row = {"iteration_s": total, "iteration_cpu_s": cpu, **os_delta(self.os0)}
             row.update({k: perf[f"ppo/perf/{k}"] for k in PHASES[2:]})
             row.update({k: perf[f"ppo/perf/{k}"] for k in COMPILE_KEYS if f"ppo/perf/{k}" in perf})
             per_iter.append(row)

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.results_io import git_sha, utc_timestamp
+from benchmarks.trl_ppo_baseline import OS_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
@@ -134,7 +135,7 @@ def print_table(sides: list[tuple[str, dict]]) -> dict:
     (_, ours), others = sides[0], sides[1:]
     head = f"\n{'median':<20}" + "".join(f"{label:>14}" for label, _ in sides)
     print(head + "".join(f"{RATIO_HEADS.get(label, 'ours/' + label):>12}" for label, _ in others))
-    for key in (*PHASES, "tokens_per_s", "gen_tokens_per_s", "peak_rss_mb"):
+    for key in (*PHASES, *OS_KEYS, "tokens_per_s", "gen_tokens_per_s", "peak_rss_mb"):
         if not all(key in side for _, side in sides):
             continue
         line = f"{key:<20}" + "".join(f"{side[key]:>14.2f}" for _, side in sides)

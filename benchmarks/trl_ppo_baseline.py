@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -178,10 +179,27 @@ def machine_info() -> dict:
     }
 
 
+OS_KEYS = ("iteration_sys_s", "minor_faults")
+"""Per-iteration kernel-side costs: system CPU seconds and minor page faults (`os_counters`)."""
+
+
+def os_counters() -> dict:
+    """This process's system CPU seconds and minor page faults so far (getrusage): a fresh page
+    costs a fault plus the kernel zeroing it, which is where the allocator settings show."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"iteration_sys_s": usage.ru_stime, "minor_faults": usage.ru_minflt}
+
+
+def os_delta(before: dict) -> dict:
+    """`os_counters()` now minus `before`."""
+    return {k: v - before[k] for k, v in os_counters().items()}
+
+
 def summarise(per_iter: list[dict], work: Workload) -> dict:
     """Medians over the timed iterations (all but the first, the warm-up)."""
     timed = per_iter[1:] or per_iter
     keys = ("iteration_s", "iteration_cpu_s", "rollout_s", "score_s", "logprob_s", "update_s")
+    keys += tuple(k for k in OS_KEYS if all(k in it for it in timed))
     out = {k: statistics.median(it[k] for it in timed) for k in keys}
     tokens = work.batch_size * work.new_tokens
     out["tokens_per_s"] = tokens / out["iteration_s"]
@@ -285,6 +303,7 @@ def step_clock_callback(phases: _PhaseTimer, per_iter: list[dict]):
     class StepClock(TrainerCallback):
         def on_train_begin(self, *_args, **_kwargs):
             self.last, self.last_cpu = time.perf_counter(), time.process_time()
+            self.last_os = os_counters()
             phases.take()
 
         def on_step_end(self, *_args, **_kwargs):
@@ -293,9 +312,10 @@ def step_clock_callback(phases: _PhaseTimer, per_iter: list[dict]):
             total = now - self.last
             split["update_s"] = total - sum(split.values())
             cpu = time.process_time()
-            per_iter.append({"iteration_s": total, "iteration_cpu_s": cpu - self.last_cpu, **split})
+            row = {"iteration_s": total, "iteration_cpu_s": cpu - self.last_cpu, **split}
+            per_iter.append({**row, **os_delta(self.last_os)})
             print(f"[trl] iteration {len(per_iter)}: {per_iter[-1]}", flush=True)
-            self.last, self.last_cpu = now, cpu
+            self.last, self.last_cpu, self.last_os = now, cpu, os_counters()
 
     return StepClock()
 

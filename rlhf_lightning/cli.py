@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_lightning.cli_errors import RunState, debug_switch, error_line, reportable
+from rlhf_lightning.runtime import retain_freed_memory
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug, args = debug_switch(sys.argv[1:] if argv is None else argv)
     state = RunState(one_line=not debug)
     try:
+        retain_freed_memory()
         check_config_paths(args)
         if args and args[0] == "label":
             return _label(args[1:], state)

@@ -11,6 +11,8 @@ hparams, tokenizer access, export dir.
 - `tokenizer`: the attached `RLHFDataModule`'s tokenizer, read once and cached; settable
   (`module.tokenizer = tok`) for use without a datamodule (tests, benchmarks). Without either,
   a one-line error naming the module.
+- `setup()`: lets glibc keep freed memory for reuse (`rlhf_lightning.runtime`), in every process
+  Lightning starts, however the module is run.
 - `resolved_export_dir()`: `export_dir`, else `<log_dir>/export` — the first logger's folder,
   the trainer's `default_root_dir` when there is no logger folder, `./export` with no trainer.
 """
@@ -22,6 +24,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+
+from rlhf_lightning.runtime import retain_freed_memory
 
 __all__ = ["StageModule", "coerce_config"]
 
@@ -39,6 +43,10 @@ class StageModule(pl.LightningModule):
     """A LightningModule of one RLHF stage (subclasses set `export_dir` in `__init__`)."""
 
     export_dir: str | None = None
+
+    def setup(self, stage: str) -> None:
+        """Before `configure_model`: the process's allocator settings (`runtime`)."""
+        retain_freed_memory()
 
     def save_plain_hparams(self) -> None:
         """`save_hyperparameters()` of the calling `__init__`, with dataclasses stored as dicts."""
