@@ -6,7 +6,11 @@
 `gemm_floor(work, dtype)` = the workload's matmul FLOPs (`ppo_flop_floor.count_flops`: prefill,
 decode, RM / reference / critic forwards, policy and critic forward + backward; counted once per
 process and workload) ÷ the best `torch.mm` rate of the model's GEMM shapes in `dtype` on this
-machine (separately for the decode steps, whose GEMMs have only batch_size rows). It is what
+machine (separately for the decode steps, whose GEMMs have only batch_size rows). That decode
+rate is the best single call, with the weight matrix in cache; a real decode step streams every
+weight of the model from memory once, so `streamed_decode_rate` also times the decode GEMMs of
+all layers and the LM head back to back (the model's own weight set, 540 MB in float32) and
+`floor_s_padded_streamed` uses it — the floor of a decode bound by memory bandwidth. It is what
 `bench_ppo_step` can call in the same run as the timed iterations, so that ours / floor is read
 on one machine under one load. Also prints the CPU's bf16 capability (`cpu_bf16_support`), the
 evidence behind docs/precision.md.
@@ -17,12 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.ppo_flop_floor import best_gemm_rate, count_flops, gemm_shapes
-from benchmarks.trl_ppo_baseline import Workload
+from benchmarks.trl_ppo_baseline import VOCAB, Workload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,6 +64,27 @@ def workload_flops(work: Workload) -> dict:
     return dict(_flops(tuple(sorted(asdict(work).items()))))
 
 
+def streamed_decode_rate(work: Workload, dtype: torch.dtype = torch.float32, repeats: int = 3):
+    """GFLOP/s of one decode step's GEMMs (batch_size rows) through every layer's projections
+    and the LM head, each with its own weights (so they come from memory, as in `generate`):
+    the best of `repeats` passes."""
+    head_dim = work.hidden // work.heads
+    kv = work.kv_heads * head_dim
+    h, i = work.hidden, work.intermediate
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * work.layers  # (in, out)
+    shapes.append((h, VOCAB))
+    weights = [torch.randn(n_out, n_in).to(dtype) for n_in, n_out in shapes]
+    inputs = {n_in: torch.randn(work.batch_size, n_in).to(dtype) for n_in, _ in shapes}
+    flops = sum(2 * work.batch_size * n_in * n_out for n_in, n_out in shapes)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        t0 = time.perf_counter()
+        for w in weights:
+            torch.mm(inputs[w.shape[1]], w.t())
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
 def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
     """Rates (GFLOP/s) and floor seconds (padded, padding-free) of one PPO iteration in `dtype`."""
     flops = workload_flops(work)
@@ -70,6 +96,8 @@ def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
     rate = best_gemm_rate(gemm_shapes(work, rows) + [(2048, 2048, 2048)], dtype=dtype)
     decode_rate = best_gemm_rate(gemm_shapes(work, work.batch_size), dtype=dtype)
     decode_s = flops["decode"] / decode_rate / 1e9
+    streamed_rate = streamed_decode_rate(work, dtype)
+    streamed_s = flops["decode"] / streamed_rate / 1e9
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "tflops_total_padded": round((dense + flops["decode"]) / 1e12, 4),
@@ -77,6 +105,8 @@ def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
         "decode_gemm_gflops": round(decode_rate, 1),
         "floor_s_padded": round(dense / rate / 1e9 + decode_s, 2),
         "floor_s_padding_free": round(dense * fraction / rate / 1e9 + decode_s, 2),
+        "decode_streamed_gemm_gflops": round(streamed_rate, 1),
+        "floor_s_padded_streamed": round(dense / rate / 1e9 + streamed_s, 2),
     }
 
 

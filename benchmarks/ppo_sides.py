@@ -174,6 +174,14 @@ def print_floor(floor: dict | None, sides: list[tuple[str, dict]]) -> dict:
     ratios = [side["iteration_s"] / floor["floor_s_padded"] for _, side in sides]
     for i, ((label, _), r) in enumerate(zip(sides, ratios)):
         print(f"{label} / floor = {r:.2f}" + (f" {_verdict(r, FLOOR_TARGET)}" if i == 0 else ""))
+    if "floor_s_padded_streamed" in floor:
+        streamed = floor["floor_s_padded_streamed"]
+        print(
+            f"with decode weights streamed from memory ({floor['decode_streamed_gemm_gflops']:.0f}"
+            f" GFLOP/s): floor {streamed:.2f} s, {sides[0][0]} / it = "
+            f"{sides[0][1]['iteration_s'] / streamed:.2f} (for information; the target uses the "
+            "padded floor)"
+        )
     return {"ratio_vs_floor": ratios[0]}
 
 

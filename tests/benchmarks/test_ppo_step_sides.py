@@ -71,3 +71,40 @@ def test_append_rows_refuses_a_foreign_header(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="unexpected header"):
         ppo_sides.append_rows(path, [{"impl": "x"}], {})
+
+
+def test_streamed_decode_rate_counts_every_layer_and_the_head(monkeypatch):
+    from benchmarks import gemm_floor
+
+    work = Workload(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2)
+    calls = []
+    real_mm = gemm_floor.torch.mm
+
+    def counting_mm(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b)
+
+    monkeypatch.setattr(gemm_floor.torch, "mm", counting_mm)
+    rate = gemm_floor.streamed_decode_rate(work, repeats=1)
+    per_pass = 7 * work.layers + 1  # q, k, v, o, gate, up, down per layer + LM head
+    assert len(calls) == 2 * per_pass  # warm-up pass + 1 timed pass
+    assert calls[per_pass - 1] == ((8, 64), (64, gemm_floor.VOCAB))  # batch_size rows, the head
+    assert {a[0] for a, _ in calls} == {work.batch_size}
+    assert rate > 0
+
+
+def test_print_floor_reports_the_streamed_floor(capsys):
+    floor = {
+        "floor_s_padded": 10.0,
+        "floor_s_padding_free": 9.0,
+        "gemm_gflops": 200.0,
+        "decode_gemm_gflops": 100.0,
+        "tflops_total_padded": 2.79,
+        "decode_streamed_gemm_gflops": 40.0,
+        "floor_s_padded_streamed": 11.0,
+    }
+    out = ppo_sides.print_floor(floor, [("PPOModule", {"iteration_s": 22.0})])
+    printed = capsys.readouterr().out
+    assert out == {"ratio_vs_floor": 2.2}
+    assert "PPOModule / floor = 2.20 (target ≤ 1.25: NOT met)" in printed
+    assert "floor 11.00 s, PPOModule / it = 2.00" in printed
