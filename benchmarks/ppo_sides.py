@@ -178,7 +178,7 @@ def print_floor(floor: dict | None, sides: list[tuple[str, dict]]) -> dict:
         streamed = floor["floor_s_padded_streamed"]
         print(
             f"with decode weights streamed from memory ({floor['decode_streamed_gemm_gflops']:.0f}"
-            f" GFLOP/s): floor {streamed:.2f} s, {sides[0][0]} / it = "
+            f" GFLOP/s): floor {streamed:.2f} s, {sides[0][0]} / streamed floor = "
             f"{sides[0][1]['iteration_s'] / streamed:.2f} (for information; the target uses the "
             "padded floor)"
         )

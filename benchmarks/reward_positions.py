@@ -22,15 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import bench_reward_vs_trl as bench
-
-
-def shared_prefix(chosen: list[int], rejected: list[int]) -> int:
-    """Tokens the pair shares from the start, keeping at least one token of each row outside it
-    (the packing rule of `modules.reward_packing`)."""
-    shared, limit = 0, min(len(chosen), len(rejected)) - 1
-    while shared < limit and chosen[shared] == rejected[shared]:
-        shared += 1
-    return shared
+from rlhf_lightning.modules.reward_packing import shared_prefix_lengths
 
 
 def packed_positions(pairs: list[tuple[int, int, int]]) -> int:
@@ -48,13 +40,16 @@ def padded_positions(pairs: list[tuple[int, int, int]], order: list[int], batch:
 
 
 def pair_lengths(dm) -> list[tuple[int, int, int]]:
-    """(chosen length, rejected length, shared prefix) of every training pair, as both sides see it."""
+    """(chosen length, rejected length, shared prefix) of every training pair, the shared prefix
+    as our packing computes it (`reward_packing.shared_prefix_lengths`)."""
     pairs = []
     for batch in dm.dataloader("preference", split="train", shuffle=False):
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # [2G, T]
-        for g in range(int(batch["num_groups"])):
-            chosen, rejected = (ids[r][mask[r].bool()].tolist() for r in (2 * g, 2 * g + 1))
-            pairs.append((len(chosen), len(rejected), shared_prefix(chosen, rejected)))
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [2G, T] rows 2g, 2g + 1
+        groups = int(batch["num_groups"])
+        shared = shared_prefix_lengths(ids, mask, batch["group"], groups)  # [G]
+        lengths = mask.sum(-1)  # [2G]
+        for g in range(groups):
+            pairs.append((int(lengths[2 * g]), int(lengths[2 * g + 1]), int(shared[g])))
     return pairs
 
 
@@ -88,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_positions": ours,
         "rows_real_tokens": sum(c + r for c, r, _ in pairs),
         "trl_positions_file_order": padded_positions(pairs, list(range(len(pairs))), ns.batch_size),
+    }
+    result["ratio_file_order"] = round(result["trl_positions_file_order"] / ours, 3)
+    result |= {
         "ratio_median": round(statistics.median(shuffled), 3),
         "ratio_range": [round(min(shuffled), 3), round(max(shuffled), 3)],
     }

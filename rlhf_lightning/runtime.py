@@ -11,13 +11,17 @@ faults and 17.8 s system CPU with glibc's defaults, 1.8 M and 10.9 s with the se
 the same peak RSS (7.45 vs 7.42 GB) — benchmarks/TRL.md §2.
 
 `retain_freed_memory()` sets `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` to 1 GiB with `mallopt`
-(the same as `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`): buffers up
-to 1 GiB come from the heap and at most 1 GiB of free memory is kept above the heap's top. The
-price is that RSS stays near its peak instead of shrinking between steps. It changes nothing when:
-the C library is not glibc; `RLHF_CPU_ALLOCATOR=system` (glibc's defaults); or the user set any
-of glibc's malloc variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, a `glibc.malloc`
-entry of `GLIBC_TUNABLES`) — theirs win. The `rlhf` command and every stage module's `setup`
-call it; it is idempotent.
+(the same as `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`; where an older
+glibc refuses an mmap threshold above 32 MiB, 32 MiB is used): buffers up to 1 GiB come from the
+heap and at most 1 GiB of free memory is kept above the heap's top. The price: RSS does not
+shrink between steps, and it can exceed the peak of glibc's defaults by up to that 1 GiB, as the
+heap places new buffers in its kept free memory (measured: allocating and freeing one 108 MiB
+tensor 60 times peaks at 1084 MiB vs 328 MiB, reached after 7 cycles and flat after; the PPO
+benchmark 7.42 vs 7.45 GB and the quickstart 769 vs 759 MB, with and without). It changes
+nothing when: the C library is not glibc; `RLHF_CPU_ALLOCATOR=system` (glibc's defaults); or
+the user set `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or any `glibc.malloc.*` tunable
+in `GLIBC_TUNABLES` — theirs win. The `rlhf` command and every stage module's `setup` call it; it
+is idempotent.
 
 References: glibc manual, "Memory Allocation Tunables" and mallopt(3).
 """
@@ -56,16 +60,23 @@ def allocator_mode() -> str:
     return "retain"
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(libc=None) -> bool:
     """Make glibc keep freed memory (see the module docstring); True when the thresholds are set
-    (now or by an earlier call)."""
+    (now or by an earlier call). `libc`: the C library handle (default: glibc's `libc.so.6`)."""
     global _applied
     if _applied:
         return True
     if allocator_mode() != "retain":
         return False
-    libc = ctypes.CDLL("libc.so.6")
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, RETAIN_BYTES) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, RETAIN_BYTES) == 1 and ok
-    _applied = ok
-    return ok
+    try:
+        libc = libc or ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # the mmap threshold first: older glibc refuses values above HEAP_MAX_SIZE / 2 (32 MiB on
+    # 64-bit), its own largest dynamic value, which is then the best it takes. Setting the trim
+    # threshold alone would freeze the mmap threshold where it is (128 KiB at start): worse than
+    # glibc's defaults.
+    if not any(libc.mallopt(_M_MMAP_THRESHOLD, size) == 1 for size in (RETAIN_BYTES, 32 << 20)):
+        return False
+    _applied = libc.mallopt(_M_TRIM_THRESHOLD, RETAIN_BYTES) == 1
+    return _applied

@@ -1,5 +1,5 @@
-"""glibc allocator settings (`rlhf_lightning.runtime`): when they apply, that they keep freed
-memory mapped (page faults of repeated large allocations), and who calls them."""
+"""glibc allocator settings (`rlhf_lightning.runtime`): when they apply, that large buffers then
+come from the heap (kept across steps) instead of fresh mappings, older glibc, and who calls them."""
 
 from __future__ import annotations
 
@@ -13,27 +13,37 @@ import pytest
 
 from rlhf_lightning import runtime
 
-CYCLES = 24
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC_VERSION = tuple(int(x) for x in platform.libc_ver()[1].split(".")[:2]) if GLIBC else ()
 
-_FAULTS = """
-import json, resource, sys, torch
+_MMAPPED = """
+import ctypes, json, torch
 from rlhf_lightning.runtime import retain_freed_memory
+
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
 applied = retain_freed_memory()
-torch.zeros(64 << 18).sum()  # 64 MiB once, so the next allocations can reuse it
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(CYCLES):
-    torch.zeros(64 << 18).sum()  # 64 MiB: above glibc's largest dynamic mmap threshold
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps({"applied": applied, "faults": after - before}))
+before = libc.mallinfo2().hblkhd  # bytes in mmapped blocks
+x = torch.empty(64 << 18)  # 64 MiB: above glibc's largest dynamic mmap threshold
+grew = libc.mallinfo2().hblkhd - before
+print(json.dumps({"applied": applied, "mmapped": grew}))
 """
 
 
-def _faults(**env) -> dict:
+def _mmapped(**env) -> dict:
+    """In a fresh interpreter: whether the setting applied and how many bytes of a 64 MiB tensor
+    glibc served with mmap (the mechanism, independent of page size and transparent huge pages)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RLHF_CPU"))}
     clean.pop("GLIBC_TUNABLES", None)
     out = subprocess.run(
-        [sys.executable, "-c", f"CYCLES = {CYCLES}\n{_FAULTS}"],
+        [sys.executable, "-c", _MMAPPED],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -42,16 +52,42 @@ def _faults(**env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
-def test_retained_memory_is_reused_without_page_faults():
-    default = _faults(RLHF_CPU_ALLOCATOR="system")
-    tuned = _faults()
+@pytest.mark.skipif(not GLIBC or GLIBC_VERSION < (2, 33), reason="glibc >= 2.33 (mallinfo2) only")
+def test_large_buffers_come_from_the_heap_instead_of_mmap():
+    default = _mmapped(RLHF_CPU_ALLOCATOR="system")
+    tuned = _mmapped()
     assert not default["applied"] and tuned["applied"]
-    pages = CYCLES * (64 << 20) // 4096  # every allocation faulted in afresh (4 KiB pages)
-    assert default["faults"] > pages // 2  # glibc's defaults: a fresh mmap each time
-    # retained: the same heap memory again once the heap has settled (measured on the 2-core VM:
-    # the first 1-5 cycles still fault, then none; glibc's defaults fault every cycle)
-    assert tuned["faults"] < default["faults"] // 2
+    assert default["mmapped"] >= 64 << 20  # glibc's defaults: a fresh mapping, unmapped on free
+    assert tuned["mmapped"] == 0  # retained: heap memory, kept for the next step
+
+
+class _FakeLibc:
+    """`mallopt` that refuses mmap thresholds above `cap` (older glibc) and records the calls."""
+
+    def __init__(self, cap: int):
+        self.cap, self.calls = cap, []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return int(param != runtime._M_MMAP_THRESHOLD or value <= self.cap)
+
+
+def test_older_glibc_gets_its_largest_mmap_threshold(monkeypatch):
+    monkeypatch.setattr(runtime, "_applied", False)
+    monkeypatch.setattr(runtime, "allocator_mode", lambda: "retain")
+    libc = _FakeLibc(cap=32 << 20)
+    assert runtime.retain_freed_memory(libc)
+    mmap, trim = runtime._M_MMAP_THRESHOLD, runtime._M_TRIM_THRESHOLD
+    assert libc.calls == [(mmap, 1 << 30), (mmap, 32 << 20), (trim, 1 << 30)]
+
+
+def test_trim_threshold_is_not_set_when_the_mmap_threshold_is_refused(monkeypatch):
+    # the trim threshold alone would freeze glibc's mmap threshold at 128 KiB
+    monkeypatch.setattr(runtime, "_applied", False)
+    monkeypatch.setattr(runtime, "allocator_mode", lambda: "retain")
+    libc = _FakeLibc(cap=0)
+    assert not runtime.retain_freed_memory(libc)
+    assert all(param == runtime._M_MMAP_THRESHOLD for param, _ in libc.calls)
 
 
 @pytest.mark.parametrize(

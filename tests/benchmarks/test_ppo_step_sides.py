@@ -107,4 +107,24 @@ def test_print_floor_reports_the_streamed_floor(capsys):
     printed = capsys.readouterr().out
     assert out == {"ratio_vs_floor": 2.2}
     assert "PPOModule / floor = 2.20 (target ≤ 1.25: NOT met)" in printed
-    assert "floor 11.00 s, PPOModule / it = 2.00" in printed
+    assert "floor 11.00 s, PPOModule / streamed floor = 2.00" in printed
+
+
+def test_summarise_takes_the_os_counters_only_when_every_timed_row_has_them():
+    from benchmarks.trl_ppo_baseline import OS_KEYS, os_counters, os_delta, summarise
+
+    work = Workload(iterations=3)
+    phases = dict(iteration_s=2.0, iteration_cpu_s=3.0, rollout_s=1, score_s=1, logprob_s=1)
+    rows = [
+        {**phases, "update_s": u, "iteration_sys_s": u / 10, "minor_faults": 10 * u}
+        for u in (9, 1, 3)
+    ]
+    both = summarise(rows, work)  # the first row is the warm-up
+    assert (both["iteration_sys_s"], both["minor_faults"]) == (0.2, 20)
+    rows[2].pop("minor_faults")
+    partial = summarise(rows, work)
+    assert "minor_faults" not in partial and partial["iteration_sys_s"] == 0.2
+    start = os_counters()
+    bytearray(8 << 20)  # touch some fresh memory
+    delta = os_delta(start)
+    assert set(delta) == set(OS_KEYS) and all(v >= 0 for v in delta.values())

@@ -8,17 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `benchmarks` is not installed
 
-from benchmarks.reward_positions import (  # noqa: E402
-    packed_positions,
-    padded_positions,
-    shared_prefix,
-)
-
-
-def test_shared_prefix_keeps_one_token_of_each_row():
-    assert shared_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
-    assert shared_prefix([1, 2, 3], [1, 2, 3]) == 2  # identical rows: the last token stays apart
-    assert shared_prefix([7, 1], [8, 1]) == 0
+from benchmarks.reward_positions import packed_positions, padded_positions  # noqa: E402
 
 
 def test_positions_by_hand():
