@@ -16,8 +16,8 @@ into train/val), and its collated rows (prompt rendered, EOS appended, truncated
 Reported: pairs/s over the optimizer steps after `--warmup-steps` (pairs / summed step wall
 time), and held-out pairwise accuracy on the validation split after training, for both; the
 ratio ours / TRL (targets at ≥ equal accuracy: ≥ 1.3 for issue #4, ≥ 2.5 for issue #13). With
-few steps both accuracies stay close to chance: then the comparison is of throughput only — say so when reporting it. Rows are appended
-to `benchmarks/results/reward_vs_trl.csv`.
+few steps both accuracies stay close to chance: then the comparison is of throughput only — say
+so when reporting it. Rows are appended to `benchmarks/results/reward_vs_trl.csv`.
 """
 
 from __future__ import annotations

@@ -78,14 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(ns.seed)
     orders = [rng.sample(range(len(pairs)), len(pairs)) for _ in range(ns.shuffles)]
     shuffled = [padded_positions(pairs, order, ns.batch_size) / ours for order in orders]
+    file_order = padded_positions(pairs, list(range(len(pairs))), ns.batch_size)
     result = {
         "pairs": len(pairs),
         "ours_positions": ours,
         "rows_real_tokens": sum(c + r for c, r, _ in pairs),
-        "trl_positions_file_order": padded_positions(pairs, list(range(len(pairs))), ns.batch_size),
-    }
-    result["ratio_file_order"] = round(result["trl_positions_file_order"] / ours, 3)
-    result |= {
+        "trl_positions_file_order": file_order,
+        "ratio_file_order": round(file_order / ours, 3),
         "ratio_median": round(statistics.median(shuffled), 3),
         "ratio_range": [round(min(shuffled), 3), round(max(shuffled), 3)],
     }
