@@ -35,6 +35,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf_lightning.kernels import token_stats
+from rlhf_lightning.kernels.cpu_decode import fast_decode_linear
 from rlhf_lightning.models.masks import response_mask
 from rlhf_lightning.ppo.config import GenerationConfig
 from rlhf_lightning.ppo.rollout import PromptBatch, Rollout, SampledLogprobs, trim_left_padding
@@ -161,6 +162,7 @@ def rollout(models, prompts: PromptBatch, cfg: GenerationConfig, *, sampler_logp
         temperature=cfg.temperature,
         min_new_tokens=cfg.min_new_tokens,
         fast_cpu_sampling=cfg.fast_cpu_sampling,
+        fast_cpu_decode=cfg.fast_cpu_decode,
     )
     sampled = None
     if samples.logprobs is not None:
@@ -190,6 +192,7 @@ def generate(
     temperature: float = 1.0,
     min_new_tokens: int = 0,
     fast_cpu_sampling: bool = True,
+    fast_cpu_decode: bool = True,
 ) -> Samples:
     """Sample responses for left-padded prompts in micro-batches (KV cache on, eval mode).
 
@@ -204,6 +207,8 @@ def generate(
         generation_config: a `transformers.GenerationConfig`.
         min_new_tokens: EOS suppressed before this many new tokens (`SuppressEOS`; 0 = off).
         fast_cpu_sampling: draw with `sample_categorical` on CPU (`cpu_sampling`).
+        fast_cpu_decode: the decode steps' float32 CPU linear layers run the memory-bound
+            kernel `kernels.cpu_decode` (`fast_decode_linear`).
     """
     chunks: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     size = micro_batch_size or len(query_ids)
@@ -214,7 +219,8 @@ def generate(
     if min_new_tokens:
         processors.append(SuppressEOS(width, min_new_tokens, eos_token_id))
     for start in range(0, len(query_ids), size):
-        with cpu_sampling() if fast_cpu_sampling else contextlib.nullcontext():
+        sampling = cpu_sampling() if fast_cpu_sampling else contextlib.nullcontext()
+        with sampling, fast_decode_linear(fast_cpu_decode):
             out = model.generate(
                 input_ids=query_ids[start : start + size],
                 attention_mask=query_mask[start : start + size],
