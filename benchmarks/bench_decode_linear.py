@@ -7,8 +7,8 @@ Two measurements, both with `--rows` rows (the decode batch, 8 by default):
 
 1. Per weight class (q, k, v, o, gate, up, down of every layer; the LM head), the model's own
    set of distinct weights run back to back — as a decode step streams them from memory — with
-   `torch.nn.functional.linear` (MKL) and with the kernel: µs per call and GB/s of weights
-   read. Each class's result is checked against the float64 reference (max error / torch's).
+   `torch.nn.functional.linear` (MKL) and with the kernel (`cpu_decode.decode_linear`, the
+   call `generate` makes once `suits` has said yes): µs per call and GB/s of weights read. Each class's result is checked against the float64 reference (max error / torch's).
 2. One KV-cached decode step of the whole Hugging Face model (prefill of `--rows` prompts of 128
    tokens first), steps alternating torch / kernel so that drift hits both: median ms.
 
@@ -61,7 +61,6 @@ def _median_pass(fn, weights, x, repeats: int) -> float:
 
 def per_class(work: Workload, rows: int, repeats: int) -> list[dict]:
     """Item 1 of the module docstring: one dict per weight class."""
-    kernel = cpu_decode.extension()
     out = []
     for name, (n, k, count) in weight_classes(work).items():
         gen = torch.Generator().manual_seed(0)
@@ -70,8 +69,9 @@ def per_class(work: Workload, rows: int, repeats: int) -> list[dict]:
         exact = cpu_decode.decode_linear_ref(x, weights[0])
         err_torch = (F.linear(x, weights[0]) - exact).abs().max().item()
         err_kernel = (cpu_decode.decode_linear(x, weights[0]) - exact).abs().max().item()
+        scale = exact.abs().max().item()
         t_torch = _median_pass(F.linear, weights, x, repeats)
-        t_kernel = _median_pass(lambda a, w: kernel.decode_linear(a, w, None), weights, x, repeats)
+        t_kernel = _median_pass(cpu_decode.decode_linear, weights, x, repeats)
         gbytes = n * k * 4 * count / 1e9
         out.append(
             {
@@ -82,6 +82,9 @@ def per_class(work: Workload, rows: int, repeats: int) -> list[dict]:
                 "kernel_us": 1e6 * t_kernel / count,
                 "torch_gb_s": gbytes / t_torch,
                 "kernel_gb_s": gbytes / t_kernel,
+                "max_err": err_kernel,
+                "torch_max_err": err_torch,
+                "max_abs_exact": scale,
                 "max_err_vs_torch_err": err_kernel / max(err_torch, 1e-30),
             }
         )

@@ -1,57 +1,92 @@
 // Float32 y = x · Wᵀ (+ b) for a few rows of x on CPU: the linear layers of a KV-cached decode step.
 //
 // With M ≤ 16 rows a linear layer reads every weight once and does M multiply-adds with it, so
-// its time is the time to stream W from memory. Each tile below loads NB rows of W once, 16
-// floats at a time, and multiplies them into MB rows of x (which stay in L1), accumulating
+// its time is the time to stream W from memory. Each tile below loads NB rows of W once, one
+// vector at a time, and multiplies them into MB rows of x (which stay in L1), accumulating
 // MB × NB vectors; the sums over K are reduced once at the end. Weight rows further ahead are
-// prefetched. Threads split the rows of W (at::parallel_for, torch's intra-op threads).
-// Built by kernels/cpu_decode.py with torch.utils.cpp_extension (-O3, -march=native).
+// prefetched. Threads split the rows of W (at::parallel_for, torch's intra-op threads). The tile
+// fits the vector registers: 8 × 3 accumulators of 16 floats with AVX-512 (32 registers),
+// 4 × 3 of 8 floats otherwise (AVX2: 16 registers).
+// Built by kernels/cpu_decode.py with torch.utils.cpp_extension (-O3, -march=native, -fopenmp).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;    // floats per vector register
 constexpr int kMB = 8;        // rows of x per tile
 constexpr int kNB = 3;        // rows of W per tile
-constexpr int kAhead = 64;    // prefetch distance in floats along K
+#else
+constexpr int kLanes = 8;
+constexpr int kMB = 4;
+constexpr int kNB = 3;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));  // accumulators
+// the same vector at float alignment, for loads from any float address
+typedef float vec_u __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+constexpr int kAhead = 64;      // prefetch distance in floats along K
 constexpr int64_t kGrain = 16;  // tiles per parallel chunk
 
-inline v16 load(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
+inline vec load(const float* p) { return *reinterpret_cast<const vec_u*>(p); }
+
+// Lane permutations with constant indices: clang's builtin, else GCC's (every GCC version has
+// __builtin_shuffle; __builtin_shufflevector only from GCC 12).
+typedef int ivec __attribute__((vector_size(kLanes * sizeof(int))));
+#if defined(__clang__)
+#define PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PERMUTE(v, ...) __builtin_shuffle(v, ivec{__VA_ARGS__})
+#endif
+
+inline float reduce(vec v) {  // sum of the lanes: log2(kLanes) permute + add steps
+#if defined(__AVX512F__)
+  v += PERMUTE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#else
+  v += PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+#endif
+  return v[0];
 }
 
-inline float reduce(v16 v) {
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+// A prefetch hint `offset` floats past `p`, computed on integers: the address may lie beyond
+// the end of W (the last tile), where pointer arithmetic would be undefined; a prefetch never
+// faults.
+inline void prefetch(const float* p, int64_t offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) +
+                                                   offset * sizeof(float)),
+                     0, 0);
 }
 
 // y[i, j] = Σ_k x[i, k] w[j, k] for i < MB, j < NB; x, w row-major with row length K.
 template <int MB, int NB>
 inline void tile(const float* __restrict x, const float* __restrict w, float* __restrict y,
                  int64_t K, int64_t ldy) {
-  v16 acc[MB][NB];
+  vec acc[MB][NB];
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = v16{};
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = vec{};
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    v16 wv[NB];
+  for (; k + kLanes <= K; k += kLanes) {
+    vec wv[NB];
+#pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       wv[j] = load(w + j * K + k);
-      __builtin_prefetch(w + (j + NB) * K + k + kAhead, 0, 0);  // a hint: never faults
+      prefetch(w, (j + NB) * K + k + kAhead);  // the next tile's rows
     }
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
-      v16 xv = load(x + i * K + k);
+      vec xv = load(x + i * K + k);
+#pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) acc[i][j] += xv * wv[j];
     }
   }
@@ -86,6 +121,10 @@ torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional
               "decode_linear: float32 only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "decode_linear: contiguous tensors only");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                    bias->scalar_type() == at::kFloat,
+                "decode_linear: bias Float[N] expected");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();

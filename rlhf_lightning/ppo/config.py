@@ -55,7 +55,7 @@ class GenerationConfig:
     random stream of runs before this option existed. No effect on CUDA tensors."""
     fast_cpu_decode: bool = True
     """Run the decode steps' float32 linear layers (at most 16 rows, CPU) with the
-    memory-bound kernel `kernels/cpu_decode.py` instead of MKL's sgemm: 18–20 vs 9 GB/s of
+    memory-bound kernel `kernels/cpu_decode.py` instead of MKL's sgemm: 15–29 vs 6–14 GB/s of
     weights streamed at 8 rows on a 2-core AMD EPYC. Equal up to float32 summation order.
     Built once per machine with the C++ compiler (~30 s, cached); without one, torch's linear
     with a warning. false = torch's linear. No effect on CUDA tensors, in 16-bit or autocast."""

@@ -220,7 +220,7 @@ def generate(
         processors.append(SuppressEOS(width, min_new_tokens, eos_token_id))
     for start in range(0, len(query_ids), size):
         sampling = cpu_sampling() if fast_cpu_sampling else contextlib.nullcontext()
-        with sampling, fast_decode_linear(fast_cpu_decode):
+        with sampling, fast_decode_linear(fast_cpu_decode and query_ids.device.type == "cpu"):
             out = model.generate(
                 input_ids=query_ids[start : start + size],
                 attention_mask=query_mask[start : start + size],

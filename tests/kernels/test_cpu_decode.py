@@ -70,6 +70,38 @@ def test_matches_float64_within_torch_error(built, shape, threads, within_torch_
         within_torch_error(ours, F.linear(x, w, bias), decode_linear_ref(x, w, bias), name="y")
 
 
+@pytest.fixture(scope="module")
+def built_avx2(built):
+    """The kernel compiled for x86-64-v3 (AVX2 + FMA, no AVX-512): its 8-float tile, which
+    -march=native does not select on an AVX-512 machine. Skips on CPUs without AVX2/FMA."""
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    flags = next(
+        (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
+        "",
+    ).split()
+    if not {"avx2", "fma"} <= set(flags):
+        pytest.skip("this CPU has no AVX2/FMA: the x86-64-v3 build cannot run here")
+    return cpp_extension.load(
+        cpu_decode._build_name() + "_x86_64_v3",
+        sources=[str(cpu_decode._SOURCE)],
+        extra_cflags=["-O3", "-march=x86-64-v3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_avx2_tile_matches_float64(built_avx2, shape, within_torch_error):
+    """The non-AVX-512 branch of decode_linear.cpp, on 2 threads, with bias."""
+    torch.set_num_threads(2)
+    x, w, b = _inputs(*shape)
+    ours = built_avx2.decode_linear(x, w, b)  # [M, N]
+    within_torch_error(ours, F.linear(x, w, b), decode_linear_ref(x, w, b), name="y")
+
+
 def test_leading_dims_and_strided_input(built, within_torch_error):
     """x [b, 1, K] (a decode step's hidden states) and a transposed x: shapes as `F.linear`'s."""
     x, w, b = _inputs(8, 200, 64, seed=1)
@@ -102,6 +134,8 @@ def test_which_calls_it_takes():
     assert not suits(x.bfloat16(), w.bfloat16())
     assert not suits(x, w.t().contiguous().t())  # non-contiguous weight
     assert not suits(torch.randn(8, k + 1), w)
+    assert not suits(torch.randn(8, 1, k), w, torch.zeros(8, len(w)))  # F.linear broadcasts it
+    assert not suits(x, w, torch.zeros(len(w) + 1))
     param = nn.Parameter(w.clone())
     assert not suits(x, param)  # autograd on: the kernel has no backward
     with torch.no_grad():
@@ -166,10 +200,42 @@ def test_a_failed_build_warns_once_and_keeps_torch_linear(monkeypatch):
         assert len(messages) == 1 and "decode_linear.cpp" in messages[0]
         assert "no c++ compiler" in messages[0]
         torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
-        with pytest.raises(RuntimeError, match="could not be built"):
+        with pytest.raises(RuntimeError, match="could not be built or loaded"):
             decode_linear(x, layer.weight)
     finally:
         cpu_decode.extension.cache_clear()
+
+
+def test_a_second_openmp_runtime_disables_it(monkeypatch):
+    """If loading the kernel mapped another OpenMP runtime than torch's, it is not used."""
+    monkeypatch.setattr(cpu_decode, "_openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libomp.so"})
+    monkeypatch.setattr(cpu_decode, "_build_name", lambda: "rlhf_decode_linear_openmp_probe")
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: object())
+    cpu_decode.extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="second OpenMP runtime"):
+            assert cpu_decode.extension() is None
+    finally:
+        cpu_decode.extension.cache_clear()
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A `lock` older than STALE_LOCK_S (a killed build) is removed with a warning; a fresh one
+    (a build running in another process) is left alone."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_decode._clear_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - cpu_decode.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        cpu_decode._clear_stale_lock(tmp_path)
+    assert not lock.exists()
 
 
 def test_generate_with_the_kernel_keeps_sampler_logprobs_exact(built, monkeypatch):
@@ -205,10 +271,10 @@ def test_generate_with_the_kernel_keeps_sampler_logprobs_exact(built, monkeypatc
             min_new_tokens=5,
             fast_cpu_decode=fast,
         )
-        # the prefill's LM head (its last position: 4 rows) + 4 decode steps × (2 layers × 3
-        # MLP projections + LM head); the prefill's layers have 24 rows, the attention
-        # projections are below MIN_WEIGHT_ELEMENTS at hidden 64
-        assert len(calls) == (1 + 4 * 7 if fast else 0)
+        # 4 decode steps × (2 layers × 3 MLP projections + LM head), + the prefill's LM head
+        # where transformers computes it for the last position only (4 rows); the prefill's
+        # layers have 24 rows, the attention projections are below MIN_WEIGHT_ELEMENTS
+        assert len(calls) in ((4 * 7, 1 + 4 * 7) if fast else (0,))
     fast, plain = outs[True], outs[False]
     assert torch.equal(fast.response_ids, plain.response_ids)
     full = torch.cat([ids, fast.response_ids], 1)  # [4, 11]
