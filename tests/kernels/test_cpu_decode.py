@@ -206,8 +206,9 @@ def test_a_failed_build_warns_once_and_keeps_torch_linear(monkeypatch):
         cpu_decode.extension.cache_clear()
 
 
-def test_a_second_openmp_runtime_disables_it(monkeypatch):
+def test_a_second_openmp_runtime_disables_it(monkeypatch, tmp_path):
     """If loading the kernel mapped another OpenMP runtime than torch's, it is not used."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # its probe folder goes there
     monkeypatch.setattr(cpu_decode, "_openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libomp.so"})
     monkeypatch.setattr(cpu_decode, "_build_name", lambda: "rlhf_decode_linear_openmp_probe")
     from torch.utils import cpp_extension
