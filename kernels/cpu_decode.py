@@ -195,6 +195,7 @@ def _load():
             file=sys.stderr,
             flush=True,
         )
+    runtimes = _openmp_runtimes()  # torch's, before ours is loaded
     module = cpp_extension.load(
         name,
         sources=[str(_SOURCE)],
@@ -202,9 +203,12 @@ def _load():
         extra_ldflags=list(_LDFLAGS),
         verbose=False,
     )
-    runtimes = _openmp_runtimes()
-    if len(runtimes) > 1:  # our libgomp is not torch's: two thread pools would fight
-        raise RuntimeError(f"it loaded a second OpenMP runtime ({', '.join(sorted(runtimes))})")
+    added = _openmp_runtimes() - runtimes
+    if added and runtimes:  # our libgomp is not torch's: two thread pools would fight
+        raise RuntimeError(
+            f"it loaded a second OpenMP runtime ({', '.join(sorted(added))} beside "
+            f"{', '.join(sorted(runtimes))})"
+        )
     return module
 
 

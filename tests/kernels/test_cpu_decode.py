@@ -207,9 +207,10 @@ def test_a_failed_build_warns_once_and_keeps_torch_linear(monkeypatch):
 
 
 def test_a_second_openmp_runtime_disables_it(monkeypatch, tmp_path):
-    """If loading the kernel mapped another OpenMP runtime than torch's, it is not used."""
+    """If loading the kernel mapped an OpenMP runtime beside torch's, it is not used."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # its probe folder goes there
-    monkeypatch.setattr(cpu_decode, "_openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libomp.so"})
+    maps = iter([{"/torch/lib/libgomp.so.1"}, {"/torch/lib/libgomp.so.1", "/usr/lib/libomp.so"}])
+    monkeypatch.setattr(cpu_decode, "_openmp_runtimes", lambda: next(maps))  # before, after
     monkeypatch.setattr(cpu_decode, "_build_name", lambda: "rlhf_decode_linear_openmp_probe")
     from torch.utils import cpp_extension
 
