@@ -6,7 +6,9 @@
 `gemm_floor(work, dtype)` = the workload's matmul FLOPs (`ppo_flop_floor.count_flops`: prefill,
 decode, RM / reference / critic forwards, policy and critic forward + backward; counted once per
 process and workload) ÷ the best `torch.mm` rate of the model's GEMM shapes in `dtype` on this
-machine (separately for the decode steps, whose GEMMs have only batch_size rows). That decode
+machine (separately for the decode steps, whose GEMMs have only batch_size rows), or of oneDNN's
+linear where that is faster (float32: both are measured and recorded; the floor takes the better
+library, since `kernels.onednn_linear` runs oneDNN on some CPUs). That decode
 rate is the best single call, with the weight matrix in cache; a real decode step streams every
 weight of the model from memory once, so `streamed_decode_rate` also times the decode GEMMs of
 all layers and the LM head back to back (the model's own weight set, 540 MB in float32) and
@@ -85,6 +87,23 @@ def streamed_decode_rate(work: Workload, dtype: torch.dtype = torch.float32, rep
     return flops / best / 1e9
 
 
+def _library_rates(work: Workload, rows: int, dtype: torch.dtype) -> dict:
+    """Best dense and decode GEMM rates of torch.mm and (float32 with oneDNN in this torch) of
+    oneDNN's linear, each library's and the better of the two (what the floor divides by)."""
+    dense_shapes = gemm_shapes(work, rows) + [(2048, 2048, 2048)]
+    decode_shapes = gemm_shapes(work, work.batch_size)
+    libraries = ["torch"]
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        libraries.append("onednn")
+    out = {}
+    for lib in libraries:
+        out[f"gemm_gflops_{lib}"] = best_gemm_rate(dense_shapes, dtype=dtype, library=lib)
+        out[f"decode_gemm_gflops_{lib}"] = best_gemm_rate(decode_shapes, dtype=dtype, library=lib)
+    out["gemm_gflops"] = max(out[f"gemm_gflops_{lib}"] for lib in libraries)
+    out["decode_gemm_gflops"] = max(out[f"decode_gemm_gflops_{lib}"] for lib in libraries)
+    return out
+
+
 def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
     """Rates (GFLOP/s) and floor seconds (padded, padding-free) of one PPO iteration in `dtype`."""
     flops = workload_flops(work)
@@ -93,16 +112,15 @@ def gemm_floor(work: Workload, dtype: torch.dtype = torch.float32) -> dict:
     extra_epochs = sum(flops[k] for k in per_minibatch) * (work.ppo_epochs - 1)
     dense = sum(v for k, v in flops.items() if k != "decode") + extra_epochs
     rows = work.batch_size * work.prompt_width
-    rate = best_gemm_rate(gemm_shapes(work, rows) + [(2048, 2048, 2048)], dtype=dtype)
-    decode_rate = best_gemm_rate(gemm_shapes(work, work.batch_size), dtype=dtype)
+    rates = _library_rates(work, rows, dtype)
+    rate, decode_rate = rates["gemm_gflops"], rates["decode_gemm_gflops"]
     decode_s = flops["decode"] / decode_rate / 1e9
     streamed_rate = streamed_decode_rate(work, dtype)
     streamed_s = flops["decode"] / streamed_rate / 1e9
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "tflops_total_padded": round((dense + flops["decode"]) / 1e12, 4),
-        "gemm_gflops": round(rate, 1),
-        "decode_gemm_gflops": round(decode_rate, 1),
+        **{k: round(v, 1) for k, v in rates.items()},
         "floor_s_padded": round(dense / rate / 1e9 + decode_s, 2),
         "floor_s_padding_free": round(dense * fraction / rate / 1e9 + decode_s, 2),
         "decode_streamed_gemm_gflops": round(streamed_rate, 1),

@@ -99,16 +99,33 @@ def count_flops(work: Workload) -> dict[str, int]:
 
 
 def best_gemm_rate(
-    shapes: list[tuple[int, int, int]], repeats: int = 7, dtype: torch.dtype = torch.float32
+    shapes: list[tuple[int, int, int]],
+    repeats: int = 7,
+    dtype: torch.dtype = torch.float32,
+    library: str = "torch",
 ) -> float:
-    """Best torch.mm GFLOP/s in `dtype` (fastest single call) over `shapes` (m, k, n)."""
+    """Best GFLOP/s in `dtype` (fastest single call) over `shapes` (m, k, n): `torch.mm` of
+    [m, k] · [k, n] (library "torch": MKL on x86 CPUs), or oneDNN's linear of [m, k] and an
+    [n, k] weight (library "onednn": `torch.ops.mkldnn._linear_pointwise`, what
+    `rlhf_lightning.kernels.onednn_linear` runs)."""
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        torch.mm(a, b)
+        a = torch.randn(m, k).to(dtype)
+        if library == "onednn":
+            w = torch.randn(n, k).to(dtype)
+
+            def call(a=a, w=w):
+                return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        else:
+            b = torch.randn(k, n).to(dtype)
+
+            def call(a=a, b=b):
+                return torch.mm(a, b)
+
+        call()
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.mm(a, b)
+            call()
             best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
     return best
 

@@ -10,6 +10,8 @@ the saved per-row scalars, and immediately contracts it:
 ``d hidden += dz @ W_tile`` (float32 accumulator) and ``d W_tile = dzᵀ @ hidden`` (written once
 per tile when one row block holds all tokens, else accumulated in float32).
 Extra memory: a few ``[chunk, TILE_V]`` float32 buffers plus the gradients themselves.
+Inside ``kernels.onednn_linear.onednn_linears`` (float32 CPU tensors), the logit tiles and
+``d hidden`` run on oneDNN (``matmul_nt``), ``d W_tile`` stays on torch.mm.
 
 The reference side (``ref_hidden`` / ``ref_weight``) is treated as a constant: no gradients.
 
@@ -23,6 +25,7 @@ import os
 
 import torch
 
+from . import onednn_linear
 from .chunked import rowdot
 from .dispatch import without_autocast
 
@@ -34,8 +37,19 @@ F32 = torch.float32
 NEG_INF = float("-inf")
 
 
+def _on_onednn(h, w) -> bool:
+    """Whether this block's float32 CPU tiles run on oneDNN (an `onednn_linears` context is
+    open: `kernels.onednn_linear`; its size thresholds apply to a whole tile)."""
+    if not onednn_linear.active() or not w.is_contiguous():
+        return False
+    return onednn_linear.suits(h, w[: min(TILE_V, w.shape[0])])
+
+
 def _tile_logits(h, w, b, v0, v1, out):
-    """``out[:, :v1-v0] = h @ w[v0:v1].T (+ b[v0:v1])``; returns that view ``[R, vt]``."""
+    """``out[:, :v1-v0] = h @ w[v0:v1].T (+ b[v0:v1])``; returns that view ``[R, vt]`` (or, on
+    oneDNN, a new tensor)."""
+    if _on_onednn(h, w):
+        return onednn_linear.matmul_nt(h.contiguous(), w[v0:v1], None if b is None else b[v0:v1])
     o = out[:, : v1 - v0]
     if b is None:
         torch.mm(h, w[v0:v1].T, out=o)
@@ -154,7 +168,9 @@ def _block_backward(h, w, b, hq, wq, bq, lab, inv_t, tile, state, g, dh_on, dw, 
             wt[hit, lab[hit] - v0] += glp[hit] * inv_t
         dz = wt if h.dtype == F32 else dz_raw[:, :vt].copy_(wt)  # [R, vt] input dtype
         if dh is not None:
-            if h.dtype == F32:
+            if _on_onednn(h, w):  # dz W_tile: the tile's transposed view is oneDNN's weight
+                dh += onednn_linear.matmul_nt(dz.contiguous(), w[v0:v1].t())
+            elif h.dtype == F32:
                 dh.addmm_(dz, w[v0:v1])
             else:
                 dh += torch.mm(dz, w[v0:v1]).to(F32)

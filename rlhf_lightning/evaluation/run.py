@@ -7,7 +7,8 @@ sample (a progress bar over prompts), score and measure the sequence KL to the r
 own samples (`sampling`); best-of-N policies draw samples_per_prompt × max(N) candidates from their
 base, keep the proxy's best for each N (`best_of_n`) and score only the kept ones with the gold
 judge. `metrics` turns the scores into win rates with bootstrap intervals, `report` writes
-report.md, report.json, TensorBoard and the gold-vs-KL plot.
+report.md, report.json, TensorBoard and the gold-vs-KL plot. On CPU, the float32 linear layers
+run on oneDNN where `RLHF_CPU_MATMUL` says so, as in training (`kernels.onednn_linear`).
 
 Errors while the config is checked and anything is loaded (prompts, judges, models — also a
 policy loaded later) are config errors (`rlhf: error: ... (key)`, exit 2); `run_state.stepping` is
@@ -30,6 +31,7 @@ from rlhf_lightning.evaluation import best_of_n, report
 from rlhf_lightning.evaluation.config import EvaluateConfig, PolicyConfig, check_config
 from rlhf_lightning.evaluation.sampling import SampleBatch, generate_batch, sequence_logratio
 from rlhf_lightning.evaluation.scoring import Judge, load_judge
+from rlhf_lightning.kernels import onednn_linear
 from rlhf_lightning.models.loading import ModelSpec
 
 
@@ -254,15 +256,17 @@ def evaluate(cfg: EvaluateConfig, run_state=None) -> dict:
     session = prepare(cfg, run_state)
     results: list[PolicySamples] = []
     timings = {}
-    for policy in cfg.policies:
-        if run_state is not None:
-            run_state.stepping = True
-        start = time.perf_counter()
-        if policy.model is not None:
-            results.append(evaluate_model(session, policy))
-        else:
-            results.extend(evaluate_best_of_n(session, policy))
-        timings[policy.name] = round(time.perf_counter() - start, 2)
+    on_onednn = cfg.device == "cpu" and onednn_linear.backend() == "onednn"
+    with onednn_linear.onednn_linears(on_onednn):  # as a CPU Trainer run (`modules.cpu_linear`)
+        for policy in cfg.policies:
+            if run_state is not None:
+                run_state.stepping = True
+            start = time.perf_counter()
+            if policy.model is not None:
+                results.append(evaluate_model(session, policy))
+            else:
+                results.extend(evaluate_best_of_n(session, policy))
+            timings[policy.name] = round(time.perf_counter() - start, 2)
     found = report.build(session, results)
     report.write(found, results, session)
     print(report.console_table(found))

@@ -13,6 +13,8 @@ hparams, tokenizer access, export dir.
   a one-line error naming the module.
 - `setup()`: lets glibc keep freed memory for reuse (`rlhf_lightning.runtime`), in every process
   Lightning starts, however the module is run.
+- `configure_callbacks()`: `OneDNNLinearCallback` (float32 CPU linear layers on oneDNN where
+  `RLHF_CPU_MATMUL` says so: `rlhf_lightning.kernels.onednn_linear`).
 - `resolved_export_dir()`: `export_dir`, else `<log_dir>/export` — the first logger's folder,
   the trainer's `default_root_dir` when there is no logger folder, `./export` with no trainer.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from rlhf_lightning.modules.cpu_linear import OneDNNLinearCallback
 from rlhf_lightning.runtime import retain_freed_memory
 
 __all__ = ["StageModule", "coerce_config"]
@@ -47,6 +50,10 @@ class StageModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Before `configure_model`: the process's allocator settings (`runtime`)."""
         retain_freed_memory()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The callbacks every stage runs with: `OneDNNLinearCallback`."""
+        return [OneDNNLinearCallback()]
 
     def save_plain_hparams(self) -> None:
         """`save_hyperparameters()` of the calling `__init__`, with dataclasses stored as dicts."""

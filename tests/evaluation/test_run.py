@@ -87,3 +87,26 @@ def test_missing_config_file_is_one_line_error(tmp_path, capsys):
     assert cli.main(["evaluate", "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.yaml" in err[0] and Path(tmp_path).name in err[0]
+
+
+@pytest.mark.parametrize("setting", ["onednn", "torch"])
+def test_evaluate_runs_its_policies_inside_the_cpu_linear_swap(write_config, monkeypatch, setting):
+    """`RLHF_CPU_MATMUL` decides, as for a Trainer run, whether sampling and scoring run inside
+    `onednn_linears` (the tiny models' layers are below its size threshold either way)."""
+    import contextlib
+
+    from rlhf_lightning.evaluation import run
+
+    opened = []
+    real = run.onednn_linear.onednn_linears
+
+    @contextlib.contextmanager
+    def recording(enabled=True):
+        opened.append(enabled)
+        with real(enabled):
+            yield
+
+    monkeypatch.setattr(run.onednn_linear, "onednn_linears", recording)
+    monkeypatch.setenv("RLHF_CPU_MATMUL", setting)
+    assert cli.main(["evaluate", "--config", write_config("one")]) == 0
+    assert opened == [setting == "onednn"]
