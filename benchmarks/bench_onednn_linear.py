@@ -34,7 +34,9 @@ from rlhf_lightning.kernels.onednn_linear import onednn_linears
 from benchmarks.results_io import git_sha, utc_timestamp
 from benchmarks.trl_ppo_baseline import RESULTS, VOCAB, Workload, cpu_model, llama_config
 
-_LP = torch.ops.mkldnn._linear_pointwise
+
+def _LP(*args):
+    return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 def weight_classes(work: Workload) -> dict[str, tuple[int, int]]:

@@ -37,18 +37,19 @@ F32 = torch.float32
 NEG_INF = float("-inf")
 
 
-def _on_onednn(h, w) -> bool:
+def _on_onednn(h, w, b) -> bool:
     """Whether this block's float32 CPU tiles run on oneDNN (an `onednn_linears` context is
-    open: `kernels.onednn_linear`; its size thresholds apply to a whole tile)."""
+    open: `kernels.onednn_linear`; its rules apply to a whole tile and its bias)."""
     if not onednn_linear.active() or not w.is_contiguous():
         return False
-    return onednn_linear.suits(h, w[: min(TILE_V, w.shape[0])])
+    n = min(TILE_V, w.shape[0])
+    return onednn_linear.suits(h, w[:n], None if b is None else b[:n])
 
 
 def _tile_logits(h, w, b, v0, v1, out):
     """``out[:, :v1-v0] = h @ w[v0:v1].T (+ b[v0:v1])``; returns that view ``[R, vt]`` (or, on
     oneDNN, a new tensor)."""
-    if _on_onednn(h, w):
+    if _on_onednn(h, w, b):
         return onednn_linear.matmul_nt(h.contiguous(), w[v0:v1], None if b is None else b[v0:v1])
     o = out[:, : v1 - v0]
     if b is None:
@@ -168,7 +169,7 @@ def _block_backward(h, w, b, hq, wq, bq, lab, inv_t, tile, state, g, dh_on, dw, 
             wt[hit, lab[hit] - v0] += glp[hit] * inv_t
         dz = wt if h.dtype == F32 else dz_raw[:, :vt].copy_(wt)  # [R, vt] input dtype
         if dh is not None:
-            if _on_onednn(h, w):  # dz W_tile: the tile's transposed view is oneDNN's weight
+            if _on_onednn(h, w, b):  # dz W_tile: the tile's transposed view is oneDNN's weight
                 dh += onednn_linear.matmul_nt(dz.contiguous(), w[v0:v1].t())
             elif h.dtype == F32:
                 dh.addmm_(dz, w[v0:v1])

@@ -7,10 +7,11 @@
 
 torch runs a float32 `linear` on CPU as MKL's sgemm. On a 2-core AMD EPYC (Zen 4, AVX-512) VM,
 oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the op inductor's CPU linear fusion
-emits, shipped with every torch wheel) is faster at the shapes of a SmolLM2-sized model: y at
-628 rows 145–172 → 161–192 GFLOP/s (q/o, gate/up, down), the LM head at 128 rows 94 → 173; dx
-140–159 → 168–188; one policy + critic forward + backward 8.21 → 7.17 s, no-grad forwards of
-8 × 157 tokens 4.96 → 4.20 s (`python -m benchmarks.bench_onednn_linear`, benchmarks/TRL.md).
+emits, shipped with every torch wheel) is faster at the shapes of a SmolLM2-sized model (`python
+-m benchmarks.bench_onednn_linear`, benchmarks/TRL.md §2 "Session 8"): y at 628 rows 133–184 →
+180–191 GFLOP/s, the LM head at 128 rows 100 → 191; dx 159–176 → 189–208; one policy + critic
+forward + backward 6.51 → 6.02 s (8.21 → 7.17 s in a slower VM phase); in the PPO iteration a
+paired A/B measured ≈ 6–10 % less time.
 MKL stays faster for dW here, so dW stays on it. With the AVX2 instruction set only
 (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` on the same CPU) oneDNN wins only at the
 LM head, and on Intel CPUs MKL is the vendor's own library (not measured here): `auto` therefore
@@ -24,13 +25,17 @@ Results differ from torch's linear in rounding only (~1e-6 relative).
 
 API (same arguments as `torch.nn.functional.linear`):
 
-* `onednn_linear(x, weight, bias)` — the op, with autograd (first-order gradients).
+* `onednn_linear(x, weight, bias)` — the op, with autograd: first-order gradients only (no
+  double backward) and no `torch.func` transforms; its output is not a view (in-place use works
+  as on torch's linear).
 * `onednn_linear_ref(x, weight, bias)` — the float64 torch reference (tests, benchmarks).
 * `suits(x, weight, bias)` — whether a call is one it takes: CPU float32 (no autocast, not under
   `torch.compile`), a contiguous 2-D weight of at least `MIN_WEIGHT_ELEMENTS`, at least
-  `MIN_ROWS` rows (`MIN_ROWS_LARGE` for weights of `LARGE_WEIGHT_ELEMENTS`), a Float[N] bias.
+  `MIN_ROWS` rows (`MIN_ROWS_LARGE` for weights of `LARGE_WEIGHT_ELEMENTS`), a contiguous
+  Float[N] bias (oneDNN reads a bias as dense).
 * `backend()` — "onednn" or "torch" for this process, from `RLHF_CPU_MATMUL` (`auto`, the
-  default: oneDNN on AMD CPUs with AVX-512; `onednn`; `torch`).
+  default: oneDNN on AMD CPUs with AVX-512, unless `ONEDNN_MAX_CPU_ISA` limits oneDNN below
+  AVX-512 or `torch.backends.mkldnn.enabled` is false; `onednn`; `torch`).
 * `onednn_linears(enabled)` — a context in which `torch.nn.functional.linear` (what every
   `nn.Linear` calls) runs `onednn_linear` for the calls it suits and the previous linear for the
   rest; process-wide while open (not thread-safe). `OneDNNLinearCallback` opens it for a
@@ -109,26 +114,37 @@ def active() -> bool:
     return _active > 0
 
 
+def _as_output(out: torch.Tensor, x_shape, n: int) -> torch.Tensor:
+    """out Float[M, N] as Float[..., N] of `x_shape` — not a view (as torch's linear output is
+    not), so that callers may modify it in place under autograd."""
+    if len(x_shape) == 2:
+        return out
+    return torch.ops.aten._unsafe_view(out, (*x_shape[:-1], n))
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x Wᵀ + b with dx on oneDNN and dW on torch.mm (see the module docstring)."""
+    """y = x Wᵀ + b with dx on oneDNN and dW on torch.mm (see the module docstring). Saves x only
+    when W needs a gradient and W only when x does, as torch's linear does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-        ctx.save_for_backward(rows, weight)
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None
+        )
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return _matmul_nt(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+        return _as_output(_matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        rows, weight = ctx.saved_tensors
-        grad = grad_out.reshape(-1, weight.shape[0]).contiguous()  # [M, N]
+        x, weight = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # [M, N]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # dx = dy W: W's transposed view is oneDNN's [K, N] weight
             grad_x = _matmul_nt(grad, weight.t(), None).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = grad.t().mm(rows)  # [N, K]
+            grad_w = grad.t().mm(x.reshape(-1, x.shape[-1]))  # [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
@@ -137,12 +153,13 @@ class _OneDNNLinear(torch.autograd.Function):
 def onednn_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x Float[..., K] (CPU float32), weight Float[N, K], bias Float[N] → Float[..., N]."""
+    """x Float[..., K] (CPU float32), weight Float[N, K], bias Float[N] (contiguous) →
+    Float[..., N]."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _OneDNNLinear.apply(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return _matmul_nt(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _as_output(_matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
 
 
 def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -161,7 +178,9 @@ def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     rows = x.numel() // x.shape[-1]
     if rows < (MIN_ROWS_LARGE if weight.numel() >= LARGE_WEIGHT_ELEMENTS else MIN_ROWS):
         return False
-    return bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+    if bias is None:
+        return True  # oneDNN reads a bias as dense: strided / expanded ones stay with torch
+    return bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.is_contiguous()
 
 
 def _cpu_vendor_and_avx512() -> tuple[str, bool]:
@@ -180,21 +199,27 @@ def _cpu_vendor_and_avx512() -> tuple[str, bool]:
     return vendor, "avx512f" in flags
 
 
+_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")  # ONEDNN_MAX_CPU_ISA values
+
+
 @functools.cache
 def _auto_backend() -> str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "torch"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _BELOW_AVX512:
+        return "torch"  # oneDNN limited to the code paths where it lost to MKL
     vendor, avx512 = _cpu_vendor_and_avx512()
     return "onednn" if vendor == "AuthenticAMD" and avx512 else "torch"
 
 
 def backend() -> str:
-    """ "onednn" or "torch": `RLHF_CPU_MATMUL` (`auto` resolved); ValueError for another value.
-    "torch" wherever torch was built without oneDNN (`torch.backends.mkldnn`)."""
+    """The library for this process, "onednn" or "torch": `RLHF_CPU_MATMUL` (`auto` resolved);
+    ValueError for another value. "torch" wherever torch was built without oneDNN or it is
+    switched off (`torch.backends.mkldnn.enabled = False`)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={value!r}: use one of {', '.join(BACKENDS)}")
-    if not torch.backends.mkldnn.is_available():
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return "torch"
     return _auto_backend() if value == "auto" else value
 

@@ -256,7 +256,7 @@ def evaluate(cfg: EvaluateConfig, run_state=None) -> dict:
     session = prepare(cfg, run_state)
     results: list[PolicySamples] = []
     timings = {}
-    on_onednn = cfg.device == "cpu" and onednn_linear.backend() == "onednn"
+    on_onednn = torch.device(cfg.device).type == "cpu" and onednn_linear.backend() == "onednn"
     with onednn_linear.onednn_linears(on_onednn):  # as a CPU Trainer run (`modules.cpu_linear`)
         for policy in cfg.policies:
             if run_state is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (its log handler binds sys.stderr now, not capsys's)
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhf_lightning import cli
@@ -89,6 +90,9 @@ def test_missing_config_file_is_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "missing.yaml" in err[0] and Path(tmp_path).name in err[0]
 
 
+@pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch was built without oneDNN"
+)
 @pytest.mark.parametrize("setting", ["onednn", "torch"])
 def test_evaluate_runs_its_policies_inside_the_cpu_linear_swap(write_config, monkeypatch, setting):
     """`RLHF_CPU_MATMUL` decides, as for a Trainer run, whether sampling and scoring run inside

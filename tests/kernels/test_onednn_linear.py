@@ -86,32 +86,77 @@ def test_backward_matches_float64(shape, within_torch_error):
         )
 
 
-def test_backward_only_for_inputs_that_need_it():
-    """A frozen weight (the reference model) gets no gradient; a constant input gives only dW."""
+def _saved_shapes(fn) -> list[tuple]:
+    """Shapes of the tensors autograd saves while `fn()` runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return shapes, out
+
+
+def test_backward_saves_and_computes_only_what_is_needed():
+    """A frozen weight (the reference model, a LoRA base): dx only, x not kept; a constant input:
+    dW only, W not kept — as torch's linear."""
     x, w, _ = _inputs((19,), 300, 64)
     xg = x.clone().requires_grad_()
-    onednn_linear.onednn_linear(xg, w).sum().backward()
-    assert xg.grad is not None and w.grad is None
+    saved, y = _saved_shapes(lambda: onednn_linear.onednn_linear(xg, w))
+    assert saved == [(300, 64)]  # the weight only
+    y.sum().backward()
+    assert torch.allclose(xg.grad, torch.ones(19, 300) @ w, atol=1e-4)
     wg = w.clone().requires_grad_()
-    onednn_linear.onednn_linear(x, wg).sum().backward()
-    assert wg.grad is not None and torch.allclose(wg.grad, torch.ones(19, 300).t() @ x, atol=1e-4)
+    saved, y = _saved_shapes(lambda: onednn_linear.onednn_linear(x, wg))
+    assert saved == [(19, 64)]  # the input only
+    y.sum().backward()
+    assert torch.allclose(wg.grad, torch.ones(19, 300).t() @ x, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(130,), (2, 65)])
+def test_output_is_not_a_view_and_takes_in_place_updates(lead):
+    """As on torch's linear: `y += 1` under autograd and a no-grad output updated later."""
+    x, w, b = _inputs(lead, 256, 512)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = onednn_linear.onednn_linear(*leaves)
+    y += 1.0
+    y.sum().backward()
+    assert torch.allclose(leaves[2].grad, torch.full((256,), float(x.numel() // 512)))
+    with torch.no_grad():
+        z = onednn_linear.onednn_linear(x, w, b)
+    p = torch.zeros(256, requires_grad=True)
+    z.add_(p)  # a no-grad result modified with grad on
+    z.sum().backward()
+    assert p.grad is not None
 
 
 def test_suits_only_float32_cpu_calls_with_enough_rows_and_weight():
     x, w, b = _inputs((2, MIN_ROWS // 2), 512, 128)  # N·K = MIN_WEIGHT_ELEMENTS, MIN_ROWS rows
     assert w.numel() == MIN_WEIGHT_ELEMENTS and suits(x, w, b) and suits(x, w)
     assert not suits(x[:, :-1], w)  # one row fewer
+    assert not suits(x, w[:-1])  # one weight row fewer (contiguous)
     big = torch.randn(LARGE_WEIGHT_ELEMENTS // 128, 128)  # a large weight from MIN_ROWS_LARGE rows
     assert suits(x[0, :MIN_ROWS_LARGE], big) and not suits(x[0, : MIN_ROWS_LARGE - 1], big)
     assert not suits(x.double(), w.double())
     assert not suits(x.bfloat16(), w.bfloat16())
-    assert not suits(x[..., :64], w[:, :64])  # below the size threshold (LoRA factors, small heads)
-    assert not suits(x, w.t().contiguous().t())  # a non-contiguous weight
+    assert not suits(x, w.t().contiguous().t())  # a non-contiguous weight of the same size
     assert not suits(x[0, 0], w)  # 1-D input
     assert not suits(x, w, b[:10])  # F.linear's broadcasting bias shapes stay with torch
+    assert not suits(x, w, torch.randn(1024)[::2])  # oneDNN would read a strided bias as dense
+    assert not suits(x, w, torch.tensor(0.0).expand(512))
     assert not suits(torch.empty(0, 128), w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not suits(x, w)
+
+
+def test_strided_bias_through_the_swap_matches_torch():
+    layer_input, w, _ = _inputs((MIN_ROWS,), 512, 256)
+    bias = torch.randn(1024)[::2]  # [512], stride 2
+    with onednn_linears():
+        ours = F.linear(layer_input, w, bias)
+    assert torch.allclose(ours, _TORCH_LINEAR(layer_input, w, bias), atol=1e-4)
 
 
 def test_swap_routes_nn_linear_and_restores(monkeypatch):
@@ -166,6 +211,25 @@ def test_auto_backend_by_cpu(monkeypatch, tmp_path, cpuinfo, machine, expected):
     monkeypatch.delenv(ENV_VAR, raising=False)
     try:
         assert backend() == expected
+    finally:
+        onednn_linear._auto_backend.cache_clear()
+
+
+def test_auto_backend_respects_onednn_limits(monkeypatch):
+    """`ONEDNN_MAX_CPU_ISA` below AVX-512 (where oneDNN lost to MKL) or oneDNN switched off in
+    torch: torch's linear even on an AMD CPU with AVX-512."""
+    monkeypatch.setattr(onednn_linear, "_cpu_vendor_and_avx512", lambda: ("AuthenticAMD", True))
+    monkeypatch.setattr(onednn_linear.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    onednn_linear._auto_backend.cache_clear()
+    try:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        assert backend() == "torch"
+        onednn_linear._auto_backend.cache_clear()
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        assert backend() == "onednn"
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert backend() == "torch"
     finally:
         onednn_linear._auto_backend.cache_clear()
 
