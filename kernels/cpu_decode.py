@@ -47,7 +47,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from .dispatch import plain_float32_cpu
 
 __all__ = [
     "MAX_ROWS",
@@ -99,13 +100,11 @@ def decode_linear(
 def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `linear(x, weight, bias)` is a call the kernel takes (see the module docstring)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
-        return False  # tensor subclasses (compile's fake tensors, DTensor) keep torch's linear
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
+    if not plain_float32_cpu(*tensors):
+        return False  # tensor subclasses, other dtypes / devices, autocast: torch's linear
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the kernel has no backward
-    if torch.is_autocast_enabled("cpu") or weight.dim() != 2 or not weight.is_contiguous():
+    if weight.dim() != 2 or not weight.is_contiguous():
         return False
     if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
         return False

@@ -6,6 +6,9 @@ interpreter is on: ``TRITON_INTERPRET=1`` set before ``import triton``); ``"chun
 tensors when Triton imports, chunked otherwise. Precedence: the ``backend=`` argument, then
 the ``RLHF_KERNEL_BACKEND`` environment variable, then ``"auto"``.
 
+``plain_float32_cpu`` is the first test of the CPU linear replacements (``cpu_decode``,
+``onednn_linear``): plain float32 CPU tensors outside CPU autocast.
+
 ``without_autocast`` wraps the autograd functions' forward and backward: the kernels pick their
 own precision (float32 accumulation), and an enclosing ``torch.autocast`` (Lightning's
 ``bf16-mixed``/``16-mixed``) would otherwise run their internal matmuls and dot products in 16-bit.
@@ -73,3 +76,13 @@ def without_autocast(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def plain_float32_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a plain float32 CPU tensor (not a subclass such as compile's fake
+    tensors or DTensor) and CPU autocast is off: what a CPU linear replacement may take."""
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return not torch.is_autocast_enabled("cpu")

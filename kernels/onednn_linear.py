@@ -57,7 +57,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from .dispatch import plain_float32_cpu
 
 __all__ = [
     "ENV_VAR",
@@ -165,12 +166,8 @@ def onednn_linear(
 def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `linear(x, weight, bias)` is a call `onednn_linear` takes (module docstring)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
-        return False  # tensor subclasses (compile's fake tensors, DTensor) keep torch's linear
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return False
+    if not plain_float32_cpu(*tensors) or torch.compiler.is_compiling():
+        return False  # tensor subclasses, other dtypes / devices, autocast, compiled graphs
     if weight.dim() != 2 or not weight.is_contiguous() or weight.numel() < MIN_WEIGHT_ELEMENTS:
         return False
     if x.dim() < 2 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
