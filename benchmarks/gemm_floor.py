@@ -24,9 +24,9 @@ import argparse
 import functools
 import json
 import time
-from pathlib import Path
 
 import torch
+from rlhf_lightning.kernels.dispatch import cpu_info
 
 from benchmarks.ppo_flop_floor import best_gemm_rate, count_flops, gemm_shapes
 from benchmarks.trl_ppo_baseline import VOCAB, Workload
@@ -37,14 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def cpu_bf16_support() -> dict:
     """What this CPU offers for 16-bit matmuls: torch's dispatch level and the /proc/cpuinfo flags
     (`avx512_bf16`: AVX-512 BF16 dot products; `amx_bf16`: Intel AMX tiles)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    _, flags = cpu_info()
     wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx512f", "avx2")
     return {
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -6,7 +6,8 @@ interpreter is on: ``TRITON_INTERPRET=1`` set before ``import triton``); ``"chun
 tensors when Triton imports, chunked otherwise. Precedence: the ``backend=`` argument, then
 the ``RLHF_KERNEL_BACKEND`` environment variable, then ``"auto"``.
 
-``plain_float32_cpu`` is the first test of the CPU linear replacements (``cpu_decode``,
+``cpu_info`` reads the CPU's vendor and instruction-set flags (the CPU linear backend's choice,
+the bf16 recipe, the benchmarks' records). ``plain_float32_cpu`` is the first test of the CPU linear replacements (``cpu_decode``,
 ``onednn_linear``): plain float32 CPU tensors outside CPU autocast.
 
 ``without_autocast`` wraps the autograd functions' forward and backward: the kernels pick their
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -86,3 +88,21 @@ def plain_float32_cpu(*tensors: torch.Tensor) -> bool:
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     return not torch.is_autocast_enabled("cpu")
+
+
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """(vendor_id, instruction-set flags) of the first CPU in `path` (the "flags" line, or
+    "Features" on Arm); ("", frozenset()) where it cannot be read."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "", frozenset()
+    vendor, flags = "", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key in ("flags", "Features") and flags is None:
+            flags = frozenset(value.split())
+    return vendor, flags or frozenset()

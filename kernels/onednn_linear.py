@@ -54,11 +54,10 @@ import functools
 import os
 import platform
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from .dispatch import plain_float32_cpu
+from .dispatch import cpu_info, plain_float32_cpu
 
 __all__ = [
     "ENV_VAR",
@@ -105,7 +104,6 @@ def matmul_nt(rows: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tens
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
-_matmul_nt = matmul_nt
 _active = 0  # open `onednn_linears` contexts
 
 
@@ -134,7 +132,7 @@ class _OneDNNLinear(torch.autograd.Function):
         )
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-        return _as_output(_matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
+        return _as_output(matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -143,7 +141,7 @@ class _OneDNNLinear(torch.autograd.Function):
         grad = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # [M, N]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # dx = dy W: W's transposed view is oneDNN's [K, N] weight
-            grad_x = _matmul_nt(grad, weight.t(), None).view(ctx.x_shape)
+            grad_x = matmul_nt(grad, weight.t(), None).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_w = grad.t().mm(x.reshape(-1, x.shape[-1]))  # [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -160,7 +158,7 @@ def onednn_linear(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _OneDNNLinear.apply(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return _as_output(_matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
+    return _as_output(matmul_nt(rows, weight, bias), x.shape, weight.shape[0])
 
 
 def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -180,22 +178,6 @@ def suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.is_contiguous()
 
 
-def _cpu_vendor_and_avx512() -> tuple[str, bool]:
-    """(vendor_id, has avx512f) from /proc/cpuinfo; ("", False) where it cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", False
-    vendor, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return vendor, "avx512f" in flags
-
-
 _BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")  # ONEDNN_MAX_CPU_ISA values
 
 
@@ -205,8 +187,8 @@ def _auto_backend() -> str:
         return "torch"
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _BELOW_AVX512:
         return "torch"  # oneDNN limited to the code paths where it lost to MKL
-    vendor, avx512 = _cpu_vendor_and_avx512()
-    return "onednn" if vendor == "AuthenticAMD" and avx512 else "torch"
+    vendor, flags = cpu_info()
+    return "onednn" if vendor == "AuthenticAMD" and "avx512f" in flags else "torch"
 
 
 def backend() -> str:

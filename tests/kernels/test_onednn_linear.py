@@ -202,10 +202,8 @@ def test_swap_composes_with_the_decode_kernel_swap():
 def test_auto_backend_by_cpu(monkeypatch, tmp_path, cpuinfo, machine, expected):
     info = tmp_path / "cpuinfo"
     info.write_text(cpuinfo)
-    real_path = onednn_linear.Path
-    monkeypatch.setattr(
-        onednn_linear, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p)
-    )
+    real_cpu_info = onednn_linear.cpu_info
+    monkeypatch.setattr(onednn_linear, "cpu_info", lambda: real_cpu_info(info))
     monkeypatch.setattr(onednn_linear.platform, "machine", lambda: machine)
     onednn_linear._auto_backend.cache_clear()
     monkeypatch.delenv(ENV_VAR, raising=False)
@@ -218,7 +216,8 @@ def test_auto_backend_by_cpu(monkeypatch, tmp_path, cpuinfo, machine, expected):
 def test_auto_backend_respects_onednn_limits(monkeypatch):
     """`ONEDNN_MAX_CPU_ISA` below AVX-512 (where oneDNN lost to MKL) or oneDNN switched off in
     torch: torch's linear even on an AMD CPU with AVX-512."""
-    monkeypatch.setattr(onednn_linear, "_cpu_vendor_and_avx512", lambda: ("AuthenticAMD", True))
+    amd = ("AuthenticAMD", frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(onednn_linear, "cpu_info", lambda: amd)
     monkeypatch.setattr(onednn_linear.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv(ENV_VAR, raising=False)
     onednn_linear._auto_backend.cache_clear()
@@ -232,6 +231,18 @@ def test_auto_backend_respects_onednn_limits(monkeypatch):
         assert backend() == "torch"
     finally:
         onednn_linear._auto_backend.cache_clear()
+
+
+def test_cpu_info_reads_vendor_and_flags(tmp_path):
+    from rlhf_lightning.kernels.dispatch import cpu_info
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_info(x86) == ("AuthenticAMD", frozenset({"fpu", "avx2", "avx512f"}))
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert cpu_info(arm) == ("", frozenset({"fp", "asimd", "sve"}))
+    assert cpu_info(tmp_path / "missing") == ("", frozenset())
 
 
 def test_backend_from_environment(monkeypatch):
