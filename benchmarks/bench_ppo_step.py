@@ -306,6 +306,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="our side with compute.padding_free: false (padded forwards, for before/after)",
     )
     parser.add_argument(
+        "--no-reuse-critic-forward",
+        action="store_true",
+        help="our side with compute.reuse_critic_forward: false (for before/after)",
+    )
+    parser.add_argument(
         "--no-floor", action="store_true", help="skip measuring the GEMM floor in this run"
     )
     parser.add_argument("--layers", type=int, default=30, help="smaller only for smoke tests")
@@ -366,7 +371,11 @@ def main(argv: list[str] | None = None) -> dict:
             sides["ppo"] = ppo_sides.run_our_ppo(work, Path(scratch) / "ppo.json")
     ours = {"impl": "ours", "workload": asdict(work), "machine": machine_info()}
     ours.update(advantage=advantage, samples_per_prompt=samples, prompts=work.batch_size // samples)
-    compute = {"compile": ns.compile, "padding_free": not ns.no_padding_free}
+    compute = {
+        "compile": ns.compile,
+        "padding_free": not ns.no_padding_free,
+        "reuse_critic_forward": not ns.no_reuse_critic_forward,
+    }
     ours.update(run_ours(work, ns.profile, advantage, samples, compute))
     ours.update(compute)
     sides["ours"] = ours

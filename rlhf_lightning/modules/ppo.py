@@ -258,7 +258,9 @@ class PPOModule(StageModule):
                 prompts = PromptBatch.from_batch(batch)
                 rollout, t1 = _timed(generation.rollout, m, prompts, gen, sampler_logprobs=sampler)
                 scores, t2 = _timed(scoring.score, m, rollout, self.reward_cfg, self.running, ranks)
-                tokens, t3 = _timed(logprobs.logprobs_values, m, rollout, gen, kl)
+                first = self._plan_first_micro_batch(rollout)
+                rows = None if first is None else first.rows
+                tokens, t3 = _timed(logprobs.logprobs_values, m, rollout, gen, kl, rows)
             beta = self.kl_ctl.value if kl.mode == "reward" else 0.0
             adv = advantages.estimate_advantages(scores, tokens, rollout, upd, beta, ranks)
         self.running = scores.running
@@ -272,6 +274,7 @@ class PPOModule(StageModule):
             kl_coef=self.kl_ctl.value,
             ops=LightningOps(self),
             next_ptx=self._ptx_batch if upd.ptx_coef > 0 else None,
+            first_micro=None if first is None else first.with_values(tokens.values_graph),
         )
         timings = StepTimings(t1, t2, t3, t5)
         stats = iteration_stats(
@@ -279,6 +282,14 @@ class PPOModule(StageModule):
         )
         self._log_iteration(stats, rollout, scores, tokens, ranks)
         self._rng = get_rng_state()
+
+    def _plan_first_micro_batch(self, rollout) -> update.FirstMicroBatch | None:
+        """Epoch 0's minibatches drawn before step 3 so that its critic forward of the first
+        micro-batch is reused (`compute.reuse_critic_forward`, separate critic only), else None."""
+        if not self.compute_cfg.reuse_critic_forward or self.models.critic is None:
+            return None
+        device = rollout.response_ids.device
+        return update.plan_first_micro_batch(rollout.group, len(rollout), self.update_cfg, device)
 
     def _log_iteration(self, stats: IterationStats, rollout, scores, tokens, ranks: CrossRank):
         """KL controller and monitor updates, then the tags, tables and histograms."""

@@ -219,6 +219,12 @@ class ComputeConfig:
     sequence (`ppo.varlen`), the LM head only at response positions. Rows that share a prompt
     (k > 1 with `pack_groups`) are group-packed instead. Checked on each model at start (padded,
     with a warning, where padding-free ≠ padded)."""
+    reuse_critic_forward: bool = True
+    """With a separate critic: step 3 runs the critic on the rows of the update's first micro-batch
+    with autograd on (train mode) and the update trains on that forward instead of repeating it —
+    the critic's parameters have not changed yet, so it is the same computation, one critic
+    forward of a micro-batch fewer per iteration. Its activations are held from step 3 until that
+    micro-batch's backward (the memory the update needs for it anyway)."""
     compile: bool | list[str] = False
     """`torch.compile` the training and scoring forwards of these roles (`policy`, `reference`,
     `critic`, `reward`), or of all (true); `generate` stays eager. The first iterations include the

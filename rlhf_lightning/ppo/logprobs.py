@@ -3,7 +3,10 @@
 `logprobs_values(models, rollout, gen, kl)` runs, in rollout micro-batches, one reference forward,
 one policy forward (skipped when the sampler gave π_old, `uses_sampler_logprobs`) and the critic
 (or reads the shared value head from the policy's hidden states), and returns a frozen
-`TokenStats` of Float[B, R] tensors, 0 on padding. The update (step 5) reuses `response_forward`,
+`TokenStats` of Float[B, R] tensors, 0 on padding. With `graph_rows` (the update's first
+micro-batch, `ppo.update.plan_first_micro_batch`) the critic runs on those rows in train mode with
+autograd on and `TokenStats.values_graph` keeps that forward for the update to reuse. The update
+(step 5) reuses `response_forward`,
 `reference_logprobs` and `critic_values`; all [query | response] forwards go through
 `_response_logits` / `critic_values`, which run each model as its `ppo.compile.plan_of` says
 (k > 1 groups packed so that a prompt is computed once, `ppo.packing`; compiled or eager).
@@ -14,6 +17,8 @@ consistent log-probs, position ids); Schulman 2020, "Approximating KL Divergence
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +57,9 @@ class TokenStats:
     """Float[B, R] per-token KL estimate (`kl.estimator`), or the exact KL with `full`."""
     values: torch.Tensor | None
     """Float[B, R] critic values V(s_t); None without a critic (`critic.kind: none`)."""
+    values_graph: torch.Tensor | None = None
+    """Float[b, R] V(s_t) of the `graph_rows` step 3 was given (in that order) with the critic's
+    autograd graph, for the update's first micro-batch; None when none were asked for."""
 
 
 def uses_sampler_logprobs(models: PPOModels, gen: GenerationConfig, kl: KLConfig) -> bool:
@@ -169,7 +177,8 @@ def critic_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
 
 
 def _micro_batch_stats(models: PPOModels, sub: Rollout, gen: GenerationConfig, kl_cfg: KLConfig):
-    """The five [b, R] statistics of one micro-batch, in `TokenStats` field order."""
+    """The five [b, R] statistics of one micro-batch, in `TokenStats` field order (values None
+    with a separate critic: `_separate_critic_values` runs it)."""
     full = kl_cfg.estimator == "full"
     shared = models.value_head is not None
     with models.reference_model() as ref_model:
@@ -191,24 +200,60 @@ def _micro_batch_stats(models: PPOModels, sub: Rollout, gen: GenerationConfig, k
         kl = out["kl"]
     else:
         kl = kl_penalty(out["logprobs"], ref_logp, kl_cfg.estimator) * mask  # [b, R]
-    values = None
-    if shared:
-        values = models.value_head(out["hidden"]) * mask  # [b, R]
-    elif models.critic is not None:
-        values = critic_values(models.critic, sub)  # [b, R]
+    values = models.value_head(out["hidden"]) * mask if shared else None  # [b, R]
     return out["logprobs"], ref_logp, out["entropy"], kl, values
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in train mode inside the block (its mode restored after)."""
+    mode = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(mode)
+
+
+def _separate_critic_values(
+    critic: nn.Module, rollout: Rollout, micro_batch_size: int | None, graph_rows
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Values Float[B, R] of every row (no graph) and, for `graph_rows` (Long[b] or None), those
+    rows' values Float[b, R] computed as the update computes them: train mode, autograd on."""
+    device = rollout.response_ids.device
+    values = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=device)
+    rest, graph = torch.arange(len(rollout), device=device), None
+    if graph_rows is not None:
+        with torch.enable_grad(), _train_mode(critic):
+            graph = critic_values(critic, rollout.select(graph_rows))  # [b, R]
+        values[graph_rows] = graph.detach().float()
+        rest = rest[~torch.isin(rest, graph_rows)]
+    for part in micro_batches(len(rest), micro_batch_size) if len(rest) else []:
+        values[rest[part]] = critic_values(critic, rollout.select(rest[part])).float()
+    return values, graph
 
 
 @torch.no_grad()
 def logprobs_values(
-    models: PPOModels, rollout: Rollout, gen: GenerationConfig, kl: KLConfig
+    models: PPOModels,
+    rollout: Rollout,
+    gen: GenerationConfig,
+    kl: KLConfig,
+    graph_rows: torch.Tensor | None = None,
 ) -> TokenStats:
     """Step 3: `TokenStats` of the rollout in `gen.micro_batch_size` micro-batches (π_old from the
-    sampler when the rollout carries it, else a policy forward; no values without a critic)."""
+    sampler when the rollout carries it, else a policy forward; no values without a critic).
+    `graph_rows` Long[b]: rows whose critic forward is kept with its graph (`values_graph`; only
+    with a separate critic)."""
     parts: list[list[torch.Tensor | None]] = [[] for _ in range(5)]
     for part in micro_batches(len(rollout), gen.micro_batch_size):
         sub = rollout.select(torch.arange(len(rollout))[part])
         for chunks, value in zip(parts, _micro_batch_stats(models, sub, gen, kl)):
             chunks.append(None if value is None else value.float())
     joined = [None if chunks[0] is None else torch.cat(chunks) for chunks in parts]
-    return TokenStats(*joined)  # each [B, R] (values None without a critic)
+    graph = None
+    if models.critic is not None and models.value_head is None:
+        joined[4], graph = _separate_critic_values(
+            models.critic, rollout, gen.micro_batch_size, graph_rows
+        )
+    return TokenStats(*joined, values_graph=graph)  # each [B, R] (values None without a critic)

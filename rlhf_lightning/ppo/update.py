@@ -16,6 +16,14 @@ policy must reproduce the rollout's log-probs (ratio π/π_old = 1). Without a c
 (`critic.kind: none`) there is no value loss. With k > 1 samples per prompt the minibatches are
 drawn as whole groups (`group_minibatches`): the samples of a prompt are never split.
 
+With `compute.reuse_critic_forward` (default) epoch 0's minibatches are drawn before step 3
+(`plan_first_micro_batch`), step 3 runs the critic on the rows of the update's first micro-batch
+with autograd on, and the update takes those values (`FirstMicroBatch.values`) instead of running
+the same forward again: before the first optimizer step the critic's parameters are the ones step
+3 used, and dropout is off in every PPO model, so it is the identical computation (one critic
+forward of a micro-batch less per iteration). Nothing between step 3 and the update draws random
+numbers, so the minibatches are the ones the update would have drawn itself.
+
 Under DDP the divisor is the minibatch's valid-token count averaged over ranks (DDP averages the
 gradients, so the result is the token-mean of the global minibatch), and the minibatch
 statistics, the ratio check and the approx-KL early stop are reduced over ranks
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -57,6 +66,8 @@ __all__ = [
     "UpdateOps",
     "LocalOps",
     "UpdateStats",
+    "FirstMicroBatch",
+    "plan_first_micro_batch",
     "ppo_update",
     "group_minibatches",
     "RatioMismatchError",
@@ -65,6 +76,35 @@ __all__ = [
 
 class RatioMismatchError(RuntimeError):
     """The update pass does not reproduce the rollout's log-probs."""
+
+
+@dataclass(frozen=True)
+class FirstMicroBatch:
+    """Epoch 0's minibatches, drawn before step 3, and step 3's critic values of the update's first
+    micro-batch with their autograd graph (`compute.reuse_critic_forward`)."""
+
+    minibatches: list[torch.Tensor]
+    """Epoch 0's minibatches as Long row indices (`group_minibatches`)."""
+    rows: torch.Tensor
+    """Long[b] the rows of the first micro-batch (the first `update.micro_batch_size` rows of
+    minibatch 0, in that order)."""
+    values: torch.Tensor | None = None
+    """Float[b, R] V(s_t) of `rows` (0 on padding) with the critic's autograd graph; None until
+    step 3 has run (`ppo.logprobs.logprobs_values(..., graph_rows=rows)`)."""
+
+    def with_values(self, values: torch.Tensor | None) -> FirstMicroBatch:
+        """This plan with step 3's values."""
+        return replace(self, values=values)
+
+
+def plan_first_micro_batch(
+    group: torch.Tensor | None, rows: int, upd: UpdateConfig, device
+) -> FirstMicroBatch:
+    """Draw epoch 0's minibatches now (as `ppo_update` would) and name its first micro-batch."""
+    _check_minibatches(group, rows, upd)
+    minibatches = group_minibatches(group, rows, upd.num_minibatches, device)
+    first = minibatches[0][micro_batches(len(minibatches[0]), upd.micro_batch_size)[0]]
+    return FirstMicroBatch(minibatches, first)
 
 
 class UpdateOps(Protocol):
@@ -124,12 +164,22 @@ def _exact_kl_reference(models: PPOModels, micro: Experience, kl_cfg: KLConfig, 
     return ref_logits
 
 
-def _value_term(models, micro, out, n_tokens, upd, weights, stats) -> torch.Tensor | None:
-    """Clipped value loss of one micro-batch (None without a critic); its stats into `stats`."""
+def _value_term(models, micro, out, n_tokens, upd, weights, stats, values) -> torch.Tensor | None:
+    """Clipped value loss of one micro-batch (None without a critic); its stats into `stats`.
+    `values` Float[b, R]: the critic's values computed already (step 3's graph), else None."""
     shared = models.value_head is not None
     if not shared and models.critic is None:
         return None
-    values = models.value_head(out["hidden"]) if shared else critic_values(models.critic, micro)
+    if shared:
+        values = models.value_head(out["hidden"])
+    elif values is None:
+        values = critic_values(models.critic, micro)
+    elif values.shape != micro.response_mask.shape:
+        raise ValueError(
+            f"step 3's critic values {tuple(values.shape)} are not those of the update's first "
+            f"micro-batch {tuple(micro.response_mask.shape)}: pass the `FirstMicroBatch` that "
+            "planned them"
+        )
     v_loss, v_stats = value_loss(
         values,
         micro.old_values,
@@ -159,9 +209,11 @@ def _micro_losses(
     stats: PPOStats,
     cfg: tuple[UpdateConfig, KLConfig, GenerationConfig, float],
     ops: UpdateOps,
+    values: torch.Tensor | None = None,
 ) -> float:
     """Forward/backward of one micro-batch; returns Σ|ratio − 1| over its valid tokens.
-    `counts` = (valid tokens, responses) of the whole minibatch."""
+    `counts` = (valid tokens, responses) of the whole minibatch; `values` Float[b, R] = the
+    critic's values from step 3's graph (`FirstMicroBatch`), else the critic runs here."""
     upd, kl_cfg, gen, kl_coef = cfg
     mask = micro.response_mask
     n_tokens, n_seqs = counts
@@ -193,7 +245,7 @@ def _micro_losses(
         entropy_term = entropy
     loss = pg_loss - upd.ent_coef * entropy_term
     terms = {"loss/policy": pg_loss, "policy/entropy": entropy}
-    v_loss = _value_term(models, micro, out, n_tokens, upd, weights, stats)
+    v_loss = _value_term(models, micro, out, n_tokens, upd, weights, stats, values)
     if v_loss is not None:
         loss = loss + upd.vf_coef * v_loss
         terms["loss/value"] = v_loss
@@ -231,8 +283,9 @@ def _ptx_backward(
         stats.add({"loss/ptx": loss.detach()})
 
 
-def _minibatch(models, mb, stats, cfg, ops, next_ptx) -> tuple[float, float]:
-    """PPO-ptx then the PPO micro-batches of one minibatch: (Σ|ratio − 1|, global token count)."""
+def _minibatch(models, mb, stats, cfg, ops, next_ptx, first_values=None) -> tuple[float, float]:
+    """PPO-ptx then the PPO micro-batches of one minibatch: (Σ|ratio − 1|, global token count).
+    `first_values`: the first micro-batch's critic values from step 3 (with graph), or None."""
     upd = cfg[0]
     n_tokens = _global_count(ops.ranks, mb.response_mask.sum())
     n_seqs = _global_count(ops.ranks, torch.tensor(float(len(mb))))
@@ -242,9 +295,10 @@ def _minibatch(models, mb, stats, cfg, ops, next_ptx) -> tuple[float, float]:
         with ops.no_sync():
             _ptx_backward(models, next_ptx(), upd, stats, ops)
     deviation = 0.0
-    for part in micro_batches(len(mb), upd.micro_batch_size):
+    for i, part in enumerate(micro_batches(len(mb), upd.micro_batch_size)):
         micro = mb.select(torch.arange(len(mb), device=mb.response_ids.device)[part])
-        deviation += _micro_losses(models, micro, (n_tokens, n_seqs), stats, cfg, ops)
+        values = first_values if i == 0 else None
+        deviation += _micro_losses(models, micro, (n_tokens, n_seqs), stats, cfg, ops, values)
     return deviation, n_tokens
 
 
@@ -258,22 +312,26 @@ def ppo_update(
     kl_coef: float,
     ops: UpdateOps,
     next_ptx: Callable[[], dict] | None = None,
+    first_micro: FirstMicroBatch | None = None,
 ) -> UpdateStats:
-    """Step 5: the PPO epochs on `exp`; `next_ptx()` gives a demonstration batch (PPO-ptx on)."""
-    size = len(exp) if exp.group is None else int(exp.group.unique().numel())
-    if not 1 <= upd.num_minibatches <= size:
-        raise ValueError(
-            f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
-            f"rollout's {'rows' if exp.group is None else 'prompts (groups)'} {size}"
-        )
+    """Step 5: the PPO epochs on `exp`; `next_ptx()` gives a demonstration batch (PPO-ptx on);
+    `first_micro`: epoch 0's minibatches and step 3's critic values of the first micro-batch
+    (`plan_first_micro_batch`), else the update draws and computes them itself."""
+    _check_minibatches(exp.group, len(exp), upd)
     stats, cfg = PPOStats(), (upd, kl, gen, kl_coef)
     epochs_done, early_stop, first = 0, False, True
     ops.zero_grad()
     for epoch in range(upd.ppo_epochs):
-        for chunk in group_minibatches(
-            exp.group, len(exp), upd.num_minibatches, exp.query_ids.device
-        ):
-            deviation, n_tokens = _minibatch(models, exp.select(chunk), stats, cfg, ops, next_ptx)
+        if epoch == 0 and first_micro is not None:
+            chunks = first_micro.minibatches
+        else:
+            chunks = group_minibatches(
+                exp.group, len(exp), upd.num_minibatches, exp.query_ids.device
+            )
+        for chunk in chunks:
+            reused = first_micro.values if first and first_micro is not None else None
+            mb = exp.select(chunk)
+            deviation, n_tokens = _minibatch(models, mb, stats, cfg, ops, next_ptx, reused)
             if first:
                 mean_dev = _global_count(ops.ranks, torch.tensor(deviation)) / n_tokens
                 _check_ratio(mean_dev, upd.ratio_check_tol)
@@ -307,6 +365,16 @@ def group_minibatches(
     per_group = torch.bincount(dense, minlength=len(ids))[order]  # rows of each shuffled group
     sizes = [int(part.sum()) for part in torch.tensor_split(per_group, num_minibatches)]
     return list(torch.split(by_group, sizes))
+
+
+def _check_minibatches(group: torch.Tensor | None, rows: int, upd: UpdateConfig) -> None:
+    """One-line error when `update.num_minibatches` exceeds the rows (groups with k > 1)."""
+    size = rows if group is None else int(group.unique().numel())
+    if not 1 <= upd.num_minibatches <= size:
+        raise ValueError(
+            f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
+            f"rollout's {'rows' if group is None else 'prompts (groups)'} {size}"
+        )
 
 
 def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:

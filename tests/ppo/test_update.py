@@ -49,6 +49,7 @@ class ModuleRun:
     exp: Experience  # B = 8 prompts, R ≤ 8 response tokens
     kwargs: dict  # upd, kl, gen, kl_coef exactly as the module passed them
     stats: step.UpdateStats  # what the module's own update returned
+    first_micro: step.FirstMicroBatch  # epoch 0's minibatches, without step 3's critic graph
 
 
 def _copy_models(models: PPOModels) -> PPOModels:
@@ -86,6 +87,7 @@ def module_run(tmp_path, tiny_tokenizer, tiny_config, monkeypatch) -> ModuleRun:
     def capturing_update(models, exp, upd, kl, gen, **kw):
         captured.update(models=_copy_models(models), exp=exp)
         captured["kwargs"] = {"upd": upd, "kl": kl, "gen": gen, "kl_coef": kw["kl_coef"]}
+        captured["first_micro"] = kw["first_micro"].with_values(None)
         torch.manual_seed(PERMUTATION_SEED)
         captured["stats"] = real(models, exp, upd, kl, gen, **kw)
         return captured["stats"]
@@ -106,8 +108,11 @@ def module_run(tmp_path, tiny_tokenizer, tiny_config, monkeypatch) -> ModuleRun:
     return ModuleRun(module, trainer, **captured)
 
 
-def _update(run: ModuleRun, models: PPOModels, ops, exp=None, **upd_changes) -> step.UpdateStats:
-    """`ppo_update` on the captured Experience (or `exp`) with the module's settings."""
+def _update(
+    run: ModuleRun, models: PPOModels, ops, exp=None, first_micro=None, **upd_changes
+) -> step.UpdateStats:
+    """`ppo_update` on the captured Experience (or `exp`) with the module's settings (epoch 0's
+    minibatches from `first_micro` when given, else drawn after `PERMUTATION_SEED`)."""
     kw = dict(run.kwargs)
     kw["upd"] = replace(kw["upd"], **upd_changes)
     torch.manual_seed(PERMUTATION_SEED)
@@ -118,6 +123,7 @@ def _update(run: ModuleRun, models: PPOModels, ops, exp=None, **upd_changes) -> 
         kw.pop("kl"),
         kw.pop("gen"),
         ops=ops,
+        first_micro=first_micro,
         **kw,
     )
 
@@ -165,7 +171,9 @@ def test_local_ops_equal_the_module_path(module_run):
     """LocalOps on a copy of the pre-update models == the module's LightningOps update.
 
     Same optimizers (`build_optimizer` with the module's OptimConfig and fused flag) and
-    schedulers, same permutation seed, clipping off in both. Measured: bit-identical."""
+    schedulers, same minibatches (epoch 0's as the module drew them before step 3, then the same
+    permutation seed), clipping off in both. The module's first critic micro-batch reused step 3's
+    forward (`compute.reuse_critic_forward`), the copy runs that forward itself: bit-identical."""
     run = module_run
     models = _copy_models(run.models)
     fused = fused_allowed(run.trainer)
@@ -178,7 +186,9 @@ def test_local_ops_equal_the_module_path(module_run):
     assert [o.defaults["fused"] for o in run.trainer.optimizers] == [
         o.defaults["fused"] for o in opts
     ]
-    stats = _update(run, models, step.LocalOps(list(opts), list(scheds)))
+    stats = _update(
+        run, models, step.LocalOps(list(opts), list(scheds)), first_micro=run.first_micro
+    )
     upd = run.kwargs["upd"]
     # Lightning counts each optimizer's step: the module path went through LightningOps.step
     assert run.trainer.global_step == 2 * upd.ppo_epochs * upd.num_minibatches
