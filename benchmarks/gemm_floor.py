@@ -4,7 +4,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.gemm_floor --dtypes float32 bfloat16
 
 `gemm_floor(work, dtype)` = the workload's matmul FLOPs (`ppo_flop_floor.count_flops`: prefill,
-decode, RM / reference / critic forwards, policy and critic forward + backward; counted once per
+decode, RM / reference forwards, the critic forward outside the first minibatch, policy and
+critic forward + backward; counted once per
 process and workload) ÷ the best `torch.mm` rate of the model's GEMM shapes in `dtype` on this
 machine (separately for the decode steps, whose GEMMs have only batch_size rows), or of oneDNN's
 linear where that is faster (float32: both are measured and recorded; the floor takes the better

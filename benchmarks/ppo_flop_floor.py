@@ -4,7 +4,10 @@
 
 Any exact PPO implementation (π_old taken from the sampler, as TRL and our default do) must run:
 generation (prefill + 31 cached decode steps), one reward-model forward, one reference forward,
-one critic forward, and per minibatch one policy and one critic forward + backward. This script
+the critic forward of the rows outside the first minibatch (the first minibatch's is the one the
+update trains on: before the first optimizer step it is the same computation — our
+`compute.reuse_critic_forward`), and per minibatch one policy and one critic forward + backward.
+This script
 counts the matrix-multiply FLOPs of exactly those passes on the workload's shapes with
 `torch.utils.flop_counter.FlopCounterMode` (attention, norms, softmax and the optimizer are NOT
 counted, so the bound is loose on the low side), twice: with the workload's left padding, and
@@ -90,7 +93,9 @@ def count_flops(work: Workload) -> dict[str, int]:
             - flops["prefill"]
         )
         flops["reference_forward"] = _count(lm_forward)
-        flops["reward_forward"] = flops["critic_forward"] = _count(trunk_forward)
+        flops["reward_forward"] = _count(trunk_forward)
+        # step 3 needs the critic only on the rows the update's first minibatch does not cover
+        flops["critic_forward"] = round(flops["reward_forward"] * (1 - 1 / work.num_minibatches))
     flops["policy_forward_backward"] = _count(lambda: lm_forward().sum().backward())
     flops["critic_forward_backward"] = _count(lambda: trunk_forward().sum().backward())
     real = int(mask.sum()) + len(ids) * steps

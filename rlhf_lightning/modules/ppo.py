@@ -286,10 +286,13 @@ class PPOModule(StageModule):
     def _plan_first_micro_batch(self, rollout) -> update.FirstMicroBatch | None:
         """Epoch 0's minibatches drawn before step 3 so that its critic forward of the first
         micro-batch is reused (`compute.reuse_critic_forward`, separate critic only), else None."""
+        upd = self.update_cfg
         if not self.compute_cfg.reuse_critic_forward or self.models.critic is None:
             return None
+        if upd.ppo_epochs < 1:  # no update to reuse it in
+            return None
         device = rollout.response_ids.device
-        return update.plan_first_micro_batch(rollout.group, len(rollout), self.update_cfg, device)
+        return update.plan_first_micro_batch(rollout.group, len(rollout), upd, device)
 
     def _log_iteration(self, stats: IterationStats, rollout, scores, tokens, ranks: CrossRank):
         """KL controller and monitor updates, then the tags, tables and histograms."""

@@ -222,9 +222,11 @@ class ComputeConfig:
     reuse_critic_forward: bool = True
     """With a separate critic: step 3 runs the critic on the rows of the update's first micro-batch
     with autograd on (train mode) and the update trains on that forward instead of repeating it —
-    the critic's parameters have not changed yet, so it is the same computation, one critic
-    forward of a micro-batch fewer per iteration. Its activations are held from step 3 until that
-    micro-batch's backward (the memory the update needs for it anyway)."""
+    the critic's parameters have not changed yet, so given step 3's outputs the update is
+    bit-identical, with one critic forward of a micro-batch fewer per iteration (step 3's values
+    of the other rows come from other micro-batches and may round differently). Its activations
+    are held from the end of step 3 until that micro-batch's backward — beside the PPO-ptx
+    micro-batches' when `update.ptx_coef` > 0, which run first."""
     compile: bool | list[str] = False
     """`torch.compile` the training and scoring forwards of these roles (`policy`, `reference`,
     `critic`, `reward`), or of all (true); `generate` stays eager. The first iterations include the

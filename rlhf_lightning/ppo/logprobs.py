@@ -3,10 +3,11 @@
 `logprobs_values(models, rollout, gen, kl)` runs, in rollout micro-batches, one reference forward,
 one policy forward (skipped when the sampler gave π_old, `uses_sampler_logprobs`) and the critic
 (or reads the shared value head from the policy's hidden states), and returns a frozen
-`TokenStats` of Float[B, R] tensors, 0 on padding. With `graph_rows` (the update's first
-micro-batch, `ppo.update.plan_first_micro_batch`) the critic runs on those rows in train mode with
-autograd on and `TokenStats.values_graph` keeps that forward for the update to reuse. The update
-(step 5) reuses `response_forward`,
+`TokenStats` of Float[B, R] tensors, 0 on padding. A separate critic runs after the reference,
+in the same micro-batches; with `graph_rows` (the update's first micro-batch,
+`ppo.update.plan_first_micro_batch`) it runs those rows on their own, last, in train mode with
+autograd on, and `TokenStats.values_graph` keeps that forward for the update to train on. The
+update (step 5) reuses `response_forward`,
 `reference_logprobs` and `critic_values`; all [query | response] forwards go through
 `_response_logits` / `critic_values`, which run each model as its `ppo.compile.plan_of` says
 (k > 1 groups packed so that a prompt is computed once, `ppo.packing`; compiled or eager).
@@ -224,12 +225,13 @@ def _separate_critic_values(
     values = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=device)
     rest, graph = torch.arange(len(rollout), device=device), None
     if graph_rows is not None:
-        with torch.enable_grad(), _train_mode(critic):
-            graph = critic_values(critic, rollout.select(graph_rows))  # [b, R]
-        values[graph_rows] = graph.detach().float()
         rest = rest[~torch.isin(rest, graph_rows)]
     for part in micro_batches(len(rest), micro_batch_size) if len(rest) else []:
         values[rest[part]] = critic_values(critic, rollout.select(rest[part])).float()
+    if graph_rows is not None:  # last: its activations are held from here to the update
+        with torch.enable_grad(), _train_mode(critic):
+            graph = critic_values(critic, rollout.select(graph_rows))  # [b, R]
+        values[graph_rows] = graph.detach().float()
     return values, graph
 
 

@@ -20,9 +20,10 @@ With `compute.reuse_critic_forward` (default) epoch 0's minibatches are drawn be
 (`plan_first_micro_batch`), step 3 runs the critic on the rows of the update's first micro-batch
 with autograd on, and the update takes those values (`FirstMicroBatch.values`) instead of running
 the same forward again: before the first optimizer step the critic's parameters are the ones step
-3 used, and dropout is off in every PPO model, so it is the identical computation (one critic
-forward of a micro-batch less per iteration). Nothing between step 3 and the update draws random
-numbers, so the minibatches are the ones the update would have drawn itself.
+3 used, and dropout is off in every PPO model, so given step 3's outputs the update is
+bit-identical (one critic forward of a micro-batch less per iteration; step 3's own values of the
+other rows come from other micro-batches, which may round differently). Nothing between step 3
+and the update draws random numbers, so the minibatches are the ones the update would draw.
 
 Under DDP the divisor is the minibatch's valid-token count averaged over ranks (DDP averages the
 gradients, so the result is the token-mean of the global minibatch), and the minibatch
@@ -318,6 +319,8 @@ def ppo_update(
     `first_micro`: epoch 0's minibatches and step 3's critic values of the first micro-batch
     (`plan_first_micro_batch`), else the update draws and computes them itself."""
     _check_minibatches(exp.group, len(exp), upd)
+    if first_micro is not None:
+        _check_first_micro(first_micro, len(exp), upd)
     stats, cfg = PPOStats(), (upd, kl, gen, kl_coef)
     epochs_done, early_stop, first = 0, False, True
     ops.zero_grad()
@@ -374,6 +377,24 @@ def _check_minibatches(group: torch.Tensor | None, rows: int, upd: UpdateConfig)
         raise ValueError(
             f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
             f"rollout's {'rows' if group is None else 'prompts (groups)'} {size}"
+        )
+
+
+def _check_first_micro(first: FirstMicroBatch, rows: int, upd: UpdateConfig) -> None:
+    """One-line error when `first` was not planned for this experience and `upd`: its minibatches
+    must cover the rows once and its rows be the first micro-batch of minibatch 0."""
+    covered = torch.cat(first.minibatches).sort().values.cpu()
+    first_rows = first.minibatches[0][
+        micro_batches(len(first.minibatches[0]), upd.micro_batch_size)[0]
+    ]
+    if (
+        len(first.minibatches) != upd.num_minibatches
+        or not torch.equal(covered, torch.arange(rows))
+        or not torch.equal(first.rows.cpu(), first_rows.cpu())
+    ):
+        raise ValueError(
+            "first_micro was not planned for this update: use plan_first_micro_batch with the "
+            "experience's rows and the same update config"
         )
 
 

@@ -165,6 +165,26 @@ def test_update_on_the_reused_forward_equals_running_it(steps_1_to_3):
     assert any(not torch.equal(ran[f"critic.{n}"], p) for n, p in m.critic.named_parameters())
 
 
+def test_a_plan_for_other_rows_is_refused(steps_1_to_3):
+    m, rollout, gen, kl = steps_1_to_3
+    plan = step.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
+    tokens = _step3(m, rollout, gen, kl, plan.rows)
+    other = plan.minibatches[0][-2:]  # two rows as well, but not the first micro-batch's
+    ops = step.LocalOps([torch.optim.AdamW(m.critic.parameters())])
+    for wrong in (replace(plan, rows=other), replace(plan, minibatches=plan.minibatches[:1])):
+        with pytest.raises(ValueError, match="not planned for this update"):
+            step.ppo_update(
+                m,
+                _experience(rollout, tokens),
+                UPDATE,
+                kl,
+                gen,
+                kl_coef=0.01,
+                ops=ops,
+                first_micro=wrong.with_values(tokens.values_graph),
+            )
+
+
 def test_values_of_other_rows_are_refused(steps_1_to_3):
     m, rollout, gen, kl = steps_1_to_3
     plan = step.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
@@ -183,8 +203,9 @@ def test_values_of_other_rows_are_refused(steps_1_to_3):
         )
 
 
-def _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reuse: bool):
-    """(critic trunk calls, token positions they ran) in one PPOModule iteration."""
+def _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse: bool) -> dict:
+    """One PPOModule iteration: the token positions of every critic trunk call, every minibatch
+    split drawn, the trained critic."""
     dm = RLHFDataModule(
         tokenizer=tiny_tokenizer,
         prompts=DataSource(records=_records(6), val_fraction=0),
@@ -196,7 +217,12 @@ def _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reu
         compute=ComputeConfig(reuse_critic_forward=reuse),
         export_dir=str(tmp_path / f"export_{reuse}"),
     )
-    positions = []
+    positions, splits = [], []
+    real_split = step.group_minibatches
+
+    def recording_split(*args):
+        splits.append([chunk.tolist() for chunk in real_split(*args)])
+        return [torch.tensor(chunk) for chunk in splits[-1]]
 
     def count(_module, args, kwargs, _out):
         positions.append((args[0] if args else kwargs["input_ids"]).numel())
@@ -205,6 +231,7 @@ def _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reu
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             pl_module.critic.trunk.register_forward_hook(count, with_kwargs=True)
 
+    monkeypatch.setattr(step, "group_minibatches", recording_split)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -218,16 +245,23 @@ def _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reu
         default_root_dir=str(tmp_path),
     )
     trainer.fit(module, datamodule=dm)
+    monkeypatch.undo()
     assert module.history and module.history[-1]["ppo/loss/value"] > 0
-    return len(positions), sum(positions)
+    critic = {n: p.detach().clone() for n, p in module.critic.named_parameters()}
+    return {"positions": positions, "splits": splits, "critic": critic}
 
 
 def test_module_runs_the_first_micro_batch_through_the_critic_once(
-    tiny_tokenizer, tiny_config, tmp_path
+    tiny_tokenizer, tiny_config, tmp_path, monkeypatch
 ):
-    """Step 3: 1 call (all rows) → 2 (the kept rows, the rest); the update: 8 → 7 micro-batch
-    calls; the kept rows' positions run once instead of twice."""
-    on = _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reuse=True)
-    off = _critic_forwards_in_one_iteration(tiny_tokenizer, tiny_config, tmp_path, reuse=False)
-    assert (on[0], off[0]) == (1 + 1 + 7, 1 + 8)
-    assert on[1] < off[1]
+    """Off: step 3 runs all rows, the update 8 micro-batches. On: step 3 runs the other rows,
+    then the first micro-batch's (its positions once), the update the other 7 — on the same
+    minibatches, to the same critic (up to the rounding of step 3's other micro-batches)."""
+    on = _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse=True)
+    off = _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse=False)
+    (rest, kept, *on_update), (every, *off_update) = on["positions"], off["positions"]
+    assert len(off_update) == UPDATE.ppo_epochs * 2 * 2  # epochs × minibatches × micro-batches
+    assert rest + kept == every and kept == off_update[0] and on_update == off_update[1:]
+    assert on["splits"] == off["splits"] and len(on["splits"]) == UPDATE.ppo_epochs
+    for name, value in off["critic"].items():
+        torch.testing.assert_close(on["critic"][name], value, msg=name)

@@ -8,6 +8,7 @@ float64 padded forward of the same model and tokens (gradients too).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,6 +74,39 @@ def test_layout_by_hand():
     assert layout.to_packed.tolist() == [0, 3, 4, 5]  # slot (row, j) = row · 3 + j
     right = varlen.layout_of(torch.tensor([[1, 1, 0], [1, 1, 1]]))[0]  # right padding alike
     assert right.to_rows.tolist() == [[0, 1, 1], [2, 3, 4]]
+    assert layout.lengths == (1, 3) and right.lengths == (2, 3)
+
+
+@pytest.mark.parametrize("lengths", [(5,), (7, 1, 4), (3, 9, 9, 2)])
+def test_sliced_attention_equals_padded_rows(within_torch_error, monkeypatch, lengths):
+    """The CPU route (SDPA on each sequence's slice) and the padded-rows route (gather, one SDPA,
+    scatter; the route elsewhere) give the same outputs and q/k/v gradients (GQA 4 / 2 heads,
+    random upstream gradient), each within the float32 rule against the padded route in float64."""
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    layout = varlen.layout_of(mask)[0]
+    gathered = replace(layout, lengths=())  # no lengths: the padded-rows route, also on CPU
+    n = sum(lengths)
+    module = torch.nn.Module().eval()
+    qkv = [torch.randn(1, h, n, 8, dtype=torch.float64) for h in (4, 2, 2)]
+    upstream = torch.randn(1, n, 4, 8, dtype=torch.float64)
+
+    def run(route, dtype):
+        inputs = [x.to(dtype).requires_grad_() for x in qkv]
+        out, _ = varlen.varlen_attention(module, *inputs, None, **{varlen._LAYOUT_KEY: route})
+        grads = torch.autograd.grad(out, inputs, upstream.to(dtype))
+        return [out, *grads]
+
+    sliced, real = [], varlen._sliced_attention
+    monkeypatch.setattr(varlen, "_sliced_attention", lambda *a: sliced.append(1) or real(*a))
+    exact = run(gathered, torch.float64)
+    assert not sliced
+    for name, ours, own, ref in zip(
+        ("out", "dq", "dk", "dv"), run(layout, torch.float32), run(gathered, torch.float32), exact
+    ):
+        within_torch_error(ours, own, ref, name=name)
+    assert len(sliced) == 1  # the float32 run with lengths took the sliced route
 
 
 def test_varlen_lm_equals_padded(within_torch_error):
