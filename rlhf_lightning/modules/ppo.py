@@ -43,7 +43,7 @@ from rlhf_lightning.modules.common import (
     log_text_table,
 )
 from rlhf_lightning.modules.lightning_ops import LightningOps
-from rlhf_lightning.ppo import advantages, generation, logprobs, scoring, update
+from rlhf_lightning.ppo import advantages, generation, logprobs, minibatches, scoring, update
 from rlhf_lightning.ppo.build import ModelSpecs, build_models
 from rlhf_lightning.ppo.compile import compile_roles, compile_tags, configure_forwards
 from rlhf_lightning.ppo.config import (
@@ -283,7 +283,7 @@ class PPOModule(StageModule):
         self._log_iteration(stats, rollout, scores, tokens, ranks)
         self._rng = get_rng_state()
 
-    def _plan_first_micro_batch(self, rollout) -> update.FirstMicroBatch | None:
+    def _plan_first_micro_batch(self, rollout) -> minibatches.FirstMicroBatch | None:
         """Epoch 0's minibatches drawn before step 3 so that its critic forward of the first
         micro-batch is reused (`compute.reuse_critic_forward`, separate critic only), else None."""
         upd = self.update_cfg
@@ -292,7 +292,7 @@ class PPOModule(StageModule):
         if upd.ppo_epochs < 1:  # no update to reuse it in
             return None
         device = rollout.response_ids.device
-        return update.plan_first_micro_batch(rollout.group, len(rollout), upd, device)
+        return minibatches.plan_first_micro_batch(rollout.group, len(rollout), upd, device)
 
     def _log_iteration(self, stats: IterationStats, rollout, scores, tokens, ranks: CrossRank):
         """KL controller and monitor updates, then the tags, tables and histograms."""

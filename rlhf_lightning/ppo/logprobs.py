@@ -5,7 +5,7 @@ one policy forward (skipped when the sampler gave π_old, `uses_sampler_logprobs
 (or reads the shared value head from the policy's hidden states), and returns a frozen
 `TokenStats` of Float[B, R] tensors, 0 on padding. A separate critic runs after the reference,
 in the same micro-batches; with `graph_rows` (the update's first micro-batch,
-`ppo.update.plan_first_micro_batch`) it runs those rows on their own, last, in train mode with
+`ppo.minibatches.plan_first_micro_batch`) it runs those rows on their own, last, in train mode with
 autograd on, and `TokenStats.values_graph` keeps that forward for the update to train on. The
 update (step 5) reuses `response_forward`,
 `reference_logprobs` and `critic_values`; all [query | response] forwards go through

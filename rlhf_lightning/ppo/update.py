@@ -14,10 +14,10 @@ weight the tokens by minibatch counts the same way, `ppo.losses.token_weights`) 
 backpropagated; then the optimizers and schedulers step. Before the very first optimizer step the
 policy must reproduce the rollout's log-probs (ratio π/π_old = 1). Without a critic
 (`critic.kind: none`) there is no value loss. With k > 1 samples per prompt the minibatches are
-drawn as whole groups (`group_minibatches`): the samples of a prompt are never split.
+drawn as whole groups (`ppo.minibatches.group_minibatches`): the samples of a prompt are never split.
 
 With `compute.reuse_critic_forward` (default) epoch 0's minibatches are drawn before step 3
-(`plan_first_micro_batch`), step 3 runs the critic on the rows of the update's first micro-batch
+(`ppo.minibatches.plan_first_micro_batch`), step 3 runs the critic on the rows of the update's first micro-batch
 with autograd on, and the update takes those values (`FirstMicroBatch.values`) instead of running
 the same forward again: before the first optimizer step the critic's parameters are the ones step
 3 used, and dropout is off in every PPO model, so given step 3's outputs the update is
@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from rlhf_lightning.kernels import kl_penalty, token_logprobs
+from rlhf_lightning.ppo import minibatches
 from rlhf_lightning.ppo.config import GenerationConfig, KLConfig, UpdateConfig
 from rlhf_lightning.ppo.distributed import LOCAL, CrossRank
 from rlhf_lightning.ppo.experience import Experience
@@ -67,45 +67,13 @@ __all__ = [
     "UpdateOps",
     "LocalOps",
     "UpdateStats",
-    "FirstMicroBatch",
-    "plan_first_micro_batch",
     "ppo_update",
-    "group_minibatches",
     "RatioMismatchError",
 ]
 
 
 class RatioMismatchError(RuntimeError):
     """The update pass does not reproduce the rollout's log-probs."""
-
-
-@dataclass(frozen=True)
-class FirstMicroBatch:
-    """Epoch 0's minibatches, drawn before step 3, and step 3's critic values of the update's first
-    micro-batch with their autograd graph (`compute.reuse_critic_forward`)."""
-
-    minibatches: list[torch.Tensor]
-    """Epoch 0's minibatches as Long row indices (`group_minibatches`)."""
-    rows: torch.Tensor
-    """Long[b] the rows of the first micro-batch (the first `update.micro_batch_size` rows of
-    minibatch 0, in that order)."""
-    values: torch.Tensor | None = None
-    """Float[b, R] V(s_t) of `rows` (0 on padding) with the critic's autograd graph; None until
-    step 3 has run (`ppo.logprobs.logprobs_values(..., graph_rows=rows)`)."""
-
-    def with_values(self, values: torch.Tensor | None) -> FirstMicroBatch:
-        """This plan with step 3's values."""
-        return replace(self, values=values)
-
-
-def plan_first_micro_batch(
-    group: torch.Tensor | None, rows: int, upd: UpdateConfig, device
-) -> FirstMicroBatch:
-    """Draw epoch 0's minibatches now (as `ppo_update` would) and name its first micro-batch."""
-    _check_minibatches(group, rows, upd)
-    minibatches = group_minibatches(group, rows, upd.num_minibatches, device)
-    first = minibatches[0][micro_batches(len(minibatches[0]), upd.micro_batch_size)[0]]
-    return FirstMicroBatch(minibatches, first)
 
 
 class UpdateOps(Protocol):
@@ -313,14 +281,14 @@ def ppo_update(
     kl_coef: float,
     ops: UpdateOps,
     next_ptx: Callable[[], dict] | None = None,
-    first_micro: FirstMicroBatch | None = None,
+    first_micro: minibatches.FirstMicroBatch | None = None,
 ) -> UpdateStats:
     """Step 5: the PPO epochs on `exp`; `next_ptx()` gives a demonstration batch (PPO-ptx on);
     `first_micro`: epoch 0's minibatches and step 3's critic values of the first micro-batch
-    (`plan_first_micro_batch`), else the update draws and computes them itself."""
-    _check_minibatches(exp.group, len(exp), upd)
+    (`ppo.minibatches.plan_first_micro_batch`), else the update draws and computes them itself."""
+    minibatches.check_minibatches(exp.group, len(exp), upd)
     if first_micro is not None:
-        _check_first_micro(first_micro, len(exp), upd)
+        minibatches.check_first_micro(first_micro, len(exp), upd)
     stats, cfg = PPOStats(), (upd, kl, gen, kl_coef)
     epochs_done, early_stop, first = 0, False, True
     ops.zero_grad()
@@ -328,7 +296,7 @@ def ppo_update(
         if epoch == 0 and first_micro is not None:
             chunks = first_micro.minibatches
         else:
-            chunks = group_minibatches(
+            chunks = minibatches.group_minibatches(
                 exp.group, len(exp), upd.num_minibatches, exp.query_ids.device
             )
         for chunk in chunks:
@@ -350,52 +318,6 @@ def ppo_update(
     return UpdateStats.from_means(
         stats.means(), stats.first.get("policy/ratio_mean", 1.0), epochs_done, early_stop
     )
-
-
-def group_minibatches(
-    group: torch.Tensor | None, rows: int, num_minibatches: int, device
-) -> list[torch.Tensor]:
-    """One epoch's shuffled minibatches as Long row indices. Without groups: a permutation of the
-    rows split into `num_minibatches` parts; with `group: Long[rows]`: the groups are permuted and
-    split, and every minibatch holds all rows of its groups (adjacent, in group order)."""
-    if group is None:
-        order = torch.randperm(rows, device=device)
-        return list(torch.tensor_split(order, num_minibatches))
-    ids, dense = torch.unique(group, return_inverse=True)  # dense: [rows] in [0, G)
-    order = torch.randperm(len(ids), device=device)  # groups in shuffled order
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(ids), device=device))
-    by_group = torch.argsort(rank[dense] * rows + torch.arange(rows, device=device))  # [rows]
-    per_group = torch.bincount(dense, minlength=len(ids))[order]  # rows of each shuffled group
-    sizes = [int(part.sum()) for part in torch.tensor_split(per_group, num_minibatches)]
-    return list(torch.split(by_group, sizes))
-
-
-def _check_minibatches(group: torch.Tensor | None, rows: int, upd: UpdateConfig) -> None:
-    """One-line error when `update.num_minibatches` exceeds the rows (groups with k > 1)."""
-    size = rows if group is None else int(group.unique().numel())
-    if not 1 <= upd.num_minibatches <= size:
-        raise ValueError(
-            f"model.update.num_minibatches: {upd.num_minibatches} must be between 1 and the "
-            f"rollout's {'rows' if group is None else 'prompts (groups)'} {size}"
-        )
-
-
-def _check_first_micro(first: FirstMicroBatch, rows: int, upd: UpdateConfig) -> None:
-    """One-line error when `first` was not planned for this experience and `upd`: its minibatches
-    must cover the rows once and its rows be the first micro-batch of minibatch 0."""
-    covered = torch.cat(first.minibatches).sort().values.cpu()
-    first_rows = first.minibatches[0][
-        micro_batches(len(first.minibatches[0]), upd.micro_batch_size)[0]
-    ]
-    if (
-        len(first.minibatches) != upd.num_minibatches
-        or not torch.equal(covered, torch.arange(rows))
-        or not torch.equal(first.rows.cpu(), first_rows.cpu())
-    ):
-        raise ValueError(
-            "first_micro was not planned for this update: use plan_first_micro_batch with the "
-            "experience's rows and the same update config"
-        )
 
 
 def _global_count(ranks: CrossRank, local: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ import torch
 import rlhf_lightning.ppo.generation as generation
 import rlhf_lightning.ppo.update as step
 from rlhf_lightning.modules.common import OptimConfig
+from rlhf_lightning.ppo import minibatches
 from rlhf_lightning.ppo.config import GenerationConfig, RewardConfig, UpdateConfig
 from rlhf_lightning.ppo.experience import Experience
 from rlhf_lightning.ppo.models import PPOModels
@@ -214,7 +215,7 @@ def _assert_whole_groups(chunks: list[torch.Tensor], group: torch.Tensor, k: int
 def test_group_minibatches_never_split_a_group(num_groups, k, num_minibatches):
     group = _shuffled_groups(num_groups, k, seed=num_groups * 10 + k)
     torch.manual_seed(0)
-    chunks = step.group_minibatches(group, len(group), num_minibatches, "cpu")
+    chunks = minibatches.group_minibatches(group, len(group), num_minibatches, "cpu")
     assert len(chunks) == num_minibatches
     _assert_whole_groups(chunks, group, k)
     groups_per_chunk = [len(c) // k for c in chunks]
@@ -223,20 +224,20 @@ def test_group_minibatches_never_split_a_group(num_groups, k, num_minibatches):
 
 def test_group_minibatches_without_groups_is_a_split_permutation():
     torch.manual_seed(0)
-    chunks = step.group_minibatches(None, 7, 3, "cpu")
+    chunks = minibatches.group_minibatches(None, 7, 3, "cpu")
     assert [len(c) for c in chunks] == [3, 2, 2]
     assert sorted(torch.cat(chunks).tolist()) == list(range(7))
 
 
 def test_update_reshuffles_whole_groups_every_epoch(step5, monkeypatch):
     """Through `ppo_update`: each epoch draws new minibatches, all made of whole groups."""
-    drawn, real = [], step.group_minibatches
+    drawn, real = [], minibatches.group_minibatches
 
     def recording(*args):
         drawn.append(real(*args))
         return drawn[-1]
 
-    monkeypatch.setattr(step, "group_minibatches", recording)
+    monkeypatch.setattr(minibatches, "group_minibatches", recording)
     models = policy_copy(step5)
     stats = run_update(step5, models, RecordingOps(models.policy), ppo_epochs=3, num_minibatches=2)
     assert stats.epochs_done == 3 and len(drawn) == 3

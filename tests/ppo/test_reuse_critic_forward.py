@@ -17,7 +17,7 @@ from rlhf_lightning.data.datamodule import RLHFDataModule
 from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec
 from rlhf_lightning.modules.ppo import PPOModule
-from rlhf_lightning.ppo import generation, logprobs
+from rlhf_lightning.ppo import generation, logprobs, minibatches
 from rlhf_lightning.ppo.compile import configure_forwards
 from rlhf_lightning.ppo.config import (
     ComputeConfig,
@@ -77,18 +77,20 @@ def _step3(m, rollout, gen, kl, rows=None):
 
 def test_plan_draws_the_minibatches_the_update_would_draw():
     torch.manual_seed(5)
-    plan = step.plan_first_micro_batch(None, 6, UPDATE, "cpu")
+    plan = minibatches.plan_first_micro_batch(None, 6, UPDATE, "cpu")
     torch.manual_seed(5)
-    expected = step.group_minibatches(None, 6, UPDATE.num_minibatches, "cpu")
+    expected = minibatches.group_minibatches(None, 6, UPDATE.num_minibatches, "cpu")
     assert [c.tolist() for c in plan.minibatches] == [c.tolist() for c in expected]
     assert plan.rows.tolist() == expected[0][:2].tolist() and plan.values is None
     group = torch.tensor([0, 0, 1, 1, 2, 2])  # k = 2: whole groups, no micro-batching
-    plan = step.plan_first_micro_batch(group, 6, replace(UPDATE, micro_batch_size=None), "cpu")
+    plan = minibatches.plan_first_micro_batch(
+        group, 6, replace(UPDATE, micro_batch_size=None), "cpu"
+    )
     assert plan.rows.tolist() == plan.minibatches[0].tolist()
     members = torch.isin(group, group[plan.rows]).nonzero().flatten()
     assert sorted(plan.rows.tolist()) == members.tolist()  # whole groups only
     with pytest.raises(ValueError, match=r"model\.update\.num_minibatches"):
-        step.plan_first_micro_batch(group, 6, replace(UPDATE, num_minibatches=4), "cpu")
+        minibatches.plan_first_micro_batch(group, 6, replace(UPDATE, num_minibatches=4), "cpu")
 
 
 def test_step3_keeps_the_graph_of_the_planned_rows_only(steps_1_to_3):
@@ -151,7 +153,7 @@ def _train(models, exp, first_micro, gen, kl) -> tuple[dict, int]:
 def test_update_on_the_reused_forward_equals_running_it(steps_1_to_3):
     """One critic forward fewer, bit-identical training (as `test_update` measured for the module)."""
     m, rollout, gen, kl = steps_1_to_3
-    plan = step.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
+    plan = minibatches.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
     reusing, own = _copies(m), _copies(m)
     tokens = _step3(reusing, rollout, gen, kl, plan.rows)
     exp = _experience(rollout, tokens)
@@ -165,42 +167,28 @@ def test_update_on_the_reused_forward_equals_running_it(steps_1_to_3):
     assert any(not torch.equal(ran[f"critic.{n}"], p) for n, p in m.critic.named_parameters())
 
 
+def _update_on(m, rollout, gen, kl, tokens, first_micro) -> None:
+    ops = step.LocalOps([torch.optim.AdamW(m.critic.parameters())])
+    exp = _experience(rollout, tokens)
+    step.ppo_update(m, exp, UPDATE, kl, gen, kl_coef=0.01, ops=ops, first_micro=first_micro)
+
+
 def test_a_plan_for_other_rows_is_refused(steps_1_to_3):
     m, rollout, gen, kl = steps_1_to_3
-    plan = step.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
+    plan = minibatches.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
     tokens = _step3(m, rollout, gen, kl, plan.rows)
     other = plan.minibatches[0][-2:]  # two rows as well, but not the first micro-batch's
-    ops = step.LocalOps([torch.optim.AdamW(m.critic.parameters())])
     for wrong in (replace(plan, rows=other), replace(plan, minibatches=plan.minibatches[:1])):
         with pytest.raises(ValueError, match="not planned for this update"):
-            step.ppo_update(
-                m,
-                _experience(rollout, tokens),
-                UPDATE,
-                kl,
-                gen,
-                kl_coef=0.01,
-                ops=ops,
-                first_micro=wrong.with_values(tokens.values_graph),
-            )
+            _update_on(m, rollout, gen, kl, tokens, wrong.with_values(tokens.values_graph))
 
 
 def test_values_of_other_rows_are_refused(steps_1_to_3):
     m, rollout, gen, kl = steps_1_to_3
-    plan = step.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
+    plan = minibatches.plan_first_micro_batch(None, len(rollout), UPDATE, "cpu")
     tokens = _step3(m, rollout, gen, kl, plan.rows[:1])  # one row: not the micro-batch's two
-    ops = step.LocalOps([torch.optim.AdamW(m.critic.parameters())])
     with pytest.raises(ValueError, match="first micro-batch"):
-        step.ppo_update(
-            m,
-            _experience(rollout, tokens),
-            UPDATE,
-            kl,
-            gen,
-            kl_coef=0.01,
-            ops=ops,
-            first_micro=plan.with_values(tokens.values_graph),
-        )
+        _update_on(m, rollout, gen, kl, tokens, plan.with_values(tokens.values_graph))
 
 
 def _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse: bool) -> dict:
@@ -218,7 +206,7 @@ def _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse: bo
         export_dir=str(tmp_path / f"export_{reuse}"),
     )
     positions, splits = [], []
-    real_split = step.group_minibatches
+    real_split = minibatches.group_minibatches
 
     def recording_split(*args):
         splits.append([chunk.tolist() for chunk in real_split(*args)])
@@ -231,7 +219,7 @@ def _one_iteration(tiny_tokenizer, tiny_config, tmp_path, monkeypatch, reuse: bo
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             pl_module.critic.trunk.register_forward_hook(count, with_kwargs=True)
 
-    monkeypatch.setattr(step, "group_minibatches", recording_split)
+    monkeypatch.setattr(minibatches, "group_minibatches", recording_split)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",

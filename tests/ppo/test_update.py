@@ -20,6 +20,7 @@ from rlhf_lightning.data.sources import DataSource
 from rlhf_lightning.models.loading import ModelSpec
 from rlhf_lightning.modules.common import OptimConfig, build_optimizer, fused_allowed
 from rlhf_lightning.modules.ppo import PPOModule
+from rlhf_lightning.ppo import minibatches
 from rlhf_lightning.ppo.compile import configure_forwards
 from rlhf_lightning.ppo.config import (
     ComputeConfig,
@@ -49,7 +50,7 @@ class ModuleRun:
     exp: Experience  # B = 8 prompts, R ≤ 8 response tokens
     kwargs: dict  # upd, kl, gen, kl_coef exactly as the module passed them
     stats: step.UpdateStats  # what the module's own update returned
-    first_micro: step.FirstMicroBatch  # epoch 0's minibatches, without step 3's critic graph
+    first_micro: minibatches.FirstMicroBatch  # epoch 0's minibatches, without step 3's critic graph
 
 
 def _copy_models(models: PPOModels) -> PPOModels:
