@@ -56,8 +56,12 @@ def plan_first_micro_batch(
     """Draw epoch 0's minibatches now (as `ppo_update` would) and name its first micro-batch."""
     check_minibatches(group, rows, upd)
     minibatches = group_minibatches(group, rows, upd.num_minibatches, device)
-    first = minibatches[0][micro_batches(len(minibatches[0]), upd.micro_batch_size)[0]]
-    return FirstMicroBatch(minibatches, first)
+    return FirstMicroBatch(minibatches, _first_micro_rows(minibatches, upd))
+
+
+def _first_micro_rows(minibatches: list[torch.Tensor], upd: UpdateConfig) -> torch.Tensor:
+    """Long[b] the rows of minibatch 0's first micro-batch, as the update takes them."""
+    return minibatches[0][micro_batches(len(minibatches[0]), upd.micro_batch_size)[0]]
 
 
 def group_minibatches(
@@ -92,13 +96,10 @@ def check_first_micro(first: FirstMicroBatch, rows: int, upd: UpdateConfig) -> N
     """One-line error when `first` was not planned for this experience and `upd`: its minibatches
     must cover the rows once and its rows be the first micro-batch of minibatch 0."""
     covered = torch.cat(first.minibatches).sort().values.cpu()
-    first_rows = first.minibatches[0][
-        micro_batches(len(first.minibatches[0]), upd.micro_batch_size)[0]
-    ]
     if (
         len(first.minibatches) != upd.num_minibatches
         or not torch.equal(covered, torch.arange(rows))
-        or not torch.equal(first.rows.cpu(), first_rows.cpu())
+        or not torch.equal(first.rows.cpu(), _first_micro_rows(first.minibatches, upd).cpu())
     ):
         raise ValueError(
             "first_micro was not planned for this update: use plan_first_micro_batch with the "
