@@ -67,6 +67,7 @@ CSV_FIELDS = (
     "ratio_vs_floor",
     "compile",
     "padding_free",
+    "reuse_critic_forward",
 )
 
 
@@ -244,6 +245,7 @@ def write_csv(path: Path, work, sides: dict, ratios: dict, floor: dict | None) -
             ratio_vs_floor=round(ratios["ratio_vs_floor"], 3) if floor else "",
             compile=ours.get("compile", False),
             padding_free=ours.get("padding_free", ""),
+            reuse_critic_forward=ours.get("reuse_critic_forward", ""),
             **est,
         )
     ]
